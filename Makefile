@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Every target creates .venv on
+# first use and is idempotent: the venv is rebuilt only when pyproject.toml or the constraints change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU constraint keeps pip on torch's CPU wheel; a GPU cluster sets CONSTRAINTS= (see README).
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# One ninja on PATH keeps DeepSpeed's JIT cache valid (FEASIBILITY §1), offline Hugging Face.
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test test-quick clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q $(PIP_C) -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/lladav demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .lladav build *.egg-info
