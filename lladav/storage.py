@@ -1,0 +1,442 @@
+"""Bytes at URIs: one store for local paths, `file://` URIs and `s3://bucket/key`.
+
+Owns: reading (whole, by byte range, streamed), atomic publishing (a reader sees the old object,
+the new object, or nothing; never a half-written one), recursive listing, deletion, and handing
+out a pyarrow filesystem or a local copy of an S3 folder. Retries of S3 calls are botocore's
+"standard" mode (8 attempts, exponential back-off with jitter).
+Does not own: what the bytes mean (data/manifest.py), their identity (digest.py), or which write
+counts as the commit of a larger artifact (the caller writes its index file last).
+
+S3 endpoint and credentials come only from the standard AWS environment variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), never
+from arguments or configs, which get logged. A prefix is a folder: `s3://b/p` covers `s3://b/p/...`
+but not `s3://b/px`. On both backends a missing object raises FileNotFoundError naming the URI;
+any other failure raises StorageError naming the URI.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+
+MULTIPART_THRESHOLD = 64 * 2**20  # above this an upload is multipart (S3 allows 5 GiB per PUT)
+MULTIPART_CHUNKSIZE = 16 * 2**20  # part size; S3 requires >= 5 MiB per part except the last
+_CHUNK = 1 << 20
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")  # in-flight local writes; never listed
+
+
+class StorageError(Exception):
+    """A storage operation failed for a reason other than a missing object; names the URI."""
+
+
+# ---- addresses --------------------------------------------------------------------------------
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if _SCHEME.match(uri) or not uri:
+        raise StorageError(f"{uri!r}: not a local path, file:// or s3:// URI")
+    return uri
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: an S3 URI needs a bucket (s3://bucket/key)")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...`: for s3:// without doubled slashes; for local paths os.path.join's rules."""
+    if not is_s3(base):
+        return os.path.join(base, *parts)
+    pieces = [base.rstrip("/")] + [p.strip("/") for p in parts]
+    return "/".join(p for p in pieces if p)
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else os.path.basename(uri.rstrip("/"))
+
+
+def parent(uri: str) -> str:
+    """The folder holding `uri`; the parent of a bucket root is the bucket root."""
+    if not is_s3(uri):
+        return os.path.dirname(uri.rstrip("/"))
+    bucket, key = _split_s3(uri)
+    return join(f"s3://{bucket}", posixpath.dirname(key.rstrip("/")))
+
+
+# ---- S3 client and error translation ----------------------------------------------------------
+
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:  # a lock held by another thread at fork time stays held
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def _endpoint() -> str | None:
+    # botocore's own precedence: the service-specific variable wins over the global one.
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _client() -> Any:
+    """One boto3 S3 client per process and per endpoint/credential/region environment.
+
+    Keyed by pid so a forked worker (Ray, multiprocessing) builds its own client instead of
+    sharing the parent's connection pool; nothing here is ever pickled, Ray workers re-import
+    the module. Keyed by the env values so a test that changes them gets a fresh client.
+    """
+    env = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION"))
+    key = (os.getpid(), _endpoint(), *env)
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+            from botocore.config import Config
+
+            # botocore >= 1.31 (we pin boto3 1.44.5) reads AWS_ENDPOINT_URL[_S3] itself, so no
+            # endpoint_url is passed. A custom endpoint (moto, MinIO) is addressed path-style:
+            # virtual-host style would need DNS for <bucket>.<host>.
+            s3 = {"addressing_style": "path"} if _endpoint() else {}
+            config = Config(retries={"mode": "standard", "max_attempts": 8}, s3=s3)
+            _clients[key] = boto3.session.Session().client("s3", config=config)
+        return _clients[key]
+
+
+@contextmanager
+def _s3_errors(uri: str, action: str) -> Iterator[None]:
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as e:
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            what = "bucket does not exist" if code == "NoSuchBucket" else "no such object"
+            raise FileNotFoundError(f"{uri}: {what}") from e
+        raise StorageError(f"{uri}: {action} failed: {code} {err.get('Message', '')}") from e
+    except (BotoCoreError, Boto3Error) as e:
+        raise StorageError(f"{uri}: {action} failed: {e} (the endpoint and credentials come from "
+                           "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from e
+
+
+@contextmanager
+def _local_errors(uri: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: no such file or folder") from e
+    except OSError as e:
+        raise StorageError(f"{uri}: {action} failed: {e}") from e
+
+
+class _S3Reader(io.RawIOBase):
+    """A StreamingBody as a raw stream, so io.BufferedReader gives it a local file's methods."""
+
+    def __init__(self, uri: str, body: Any) -> None:
+        self._uri, self._body = uri, body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with _s3_errors(self._uri, "read"):  # a dropped connection mid-stream is not retried
+            data = self._body.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def exists(uri: str) -> bool:
+    """True if an object (a file, not a folder) is at `uri`."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        try:
+            with _s3_errors(uri, "head"):
+                _client().head_object(Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
+    return os.path.isfile(_local_path(uri))
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as f:
+        return f.read()
+
+
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """Exactly `length` bytes from `offset` (an S3 Range GET); StorageError if it is shorter."""
+    if length == 0:
+        return b""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        span = f"bytes={offset}-{offset + length - 1}"  # HTTP ranges are inclusive
+        with _s3_errors(uri, f"read of bytes {offset}+{length}"):
+            data = _client().get_object(Bucket=bucket, Key=key, Range=span)["Body"].read()
+    else:
+        with _local_errors(uri, "read"), open(_local_path(uri), "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    if len(data) != length:
+        raise StorageError(f"{uri}: asked for bytes {offset}+{length}, got {len(data)}: "
+                           "the object is shorter than expected")
+    return data
+
+
+@contextmanager
+def open_read(uri: str) -> Iterator[BinaryIO]:
+    """A streamed binary reader (read(n), readline, iteration); it does not seek on S3."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, "open"):
+            body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        with io.BufferedReader(_S3Reader(uri, body), buffer_size=_CHUNK) as f:
+            yield f  # type: ignore[misc]
+    else:
+        with _local_errors(uri, "open"):
+            f = open(_local_path(uri), "rb")
+        with f:
+            yield f
+
+
+def list_uris(prefix_uri: str, suffix: str | None = None) -> list[str]:
+    """Every object below the folder `prefix_uri` (recursive), as sorted full URIs.
+
+    Each result is `join(prefix_uri, relative_name)`, so it starts with `prefix_uri` as given.
+    A missing folder lists as []; folder-marker keys ending in "/" and in-flight temp files of
+    this module are skipped.
+    """
+    rels: list[str] = []
+    if is_s3(prefix_uri):
+        bucket, key = _split_s3(prefix_uri)
+        folder = key.rstrip("/") + "/" if key.strip("/") else ""
+        with _s3_errors(prefix_uri, "list"):
+            for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                             Prefix=folder):
+                rels += [o["Key"][len(folder):] for o in page.get("Contents", [])
+                         if not o["Key"].endswith("/")]
+    else:
+        root = _local_path(prefix_uri)
+        for folder, _, names in os.walk(root):
+            rels += [os.path.relpath(os.path.join(folder, n), root) for n in names
+                     if not _TEMP_SUFFIX.search(n)]
+    uris = [join(prefix_uri, r) for r in rels]
+    return sorted(u for u in uris if suffix is None or u.endswith(suffix))
+
+
+# ---- writing ----------------------------------------------------------------------------------
+# Local files are written to `<name>.tmp-<uuid>` in the target's folder, fsynced, then renamed
+# with os.replace, which is atomic within one filesystem. S3 needs no temp key: an object becomes
+# visible only when its PUT (or CompleteMultipartUpload) succeeds, and s3transfer aborts a failed
+# multipart upload, so a crash publishes nothing and a reader never sees a partial object.
+
+@contextmanager
+def _local_atomic(uri: str) -> Iterator[BinaryIO]:
+    path = _local_path(uri)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with _local_errors(uri, "write"):
+        os.makedirs(folder, exist_ok=True)
+        f = open(tmp, "wb")
+    try:
+        with f:
+            yield f
+        with _local_errors(uri, "write"):
+            fd = os.open(tmp, os.O_RDONLY)  # the writer may have closed f itself (tar writers do)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    with suppress(OSError):  # make the rename durable; not every filesystem allows a folder fsync
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Publish `data` at `uri` atomically, creating parent folders; replaces an existing object."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        if len(data) <= MULTIPART_THRESHOLD:
+            with _s3_errors(uri, "write"):
+                _client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                multipart_chunksize=MULTIPART_CHUNKSIZE)
+        with _s3_errors(uri, "upload"):
+            _client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+        return
+    with _local_atomic(uri) as f:
+        f.write(data)
+
+
+def write_file(uri: str, local_path: str | Path, multipart_threshold: int = MULTIPART_THRESHOLD,
+               multipart_chunksize: int = MULTIPART_CHUNKSIZE) -> None:
+    """Publish a copy of the local file `local_path` at `uri` atomically.
+
+    On S3 a file larger than `multipart_threshold` goes up in parts of `multipart_chunksize`.
+    """
+    if not os.path.isfile(local_path):
+        raise FileNotFoundError(f"{local_path}: no such file to upload to {uri}")
+    if is_s3(uri):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = _split_s3(uri)
+        config = TransferConfig(multipart_threshold=multipart_threshold,
+                                multipart_chunksize=multipart_chunksize)
+        with _s3_errors(uri, f"upload of {local_path}"):
+            _client().upload_file(str(local_path), bucket, key, Config=config)
+        return
+    with _local_atomic(uri) as f, _local_errors(str(local_path), "read"), \
+            open(local_path, "rb") as src:
+        shutil.copyfileobj(src, f, _CHUNK)
+
+
+@contextmanager
+def open_write(uri: str) -> Iterator[BinaryIO]:
+    """A binary writer whose content is published at `uri` only when the block exits cleanly.
+
+    On an exception nothing is published and the temp file is removed. S3 content is spooled
+    to a local temp file and uploaded on exit, so the local disk must hold one object.
+    """
+    if not is_s3(uri):
+        with _local_atomic(uri) as f:
+            yield f
+        return
+    _split_s3(uri)  # fail before the caller writes anything
+    fd, tmp = tempfile.mkstemp(prefix="lladav-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        write_file(uri, tmp)
+    finally:
+        os.remove(tmp)
+
+
+def delete(uri: str) -> None:
+    """Remove the object at `uri`; a missing object is fine."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        with _s3_errors(uri, "delete"):
+            _client().delete_object(Bucket=bucket, Key=key)
+        return
+    with suppress(FileNotFoundError), _local_errors(uri, "delete"):
+        os.remove(_local_path(uri))
+
+
+def delete_prefix(prefix_uri: str) -> None:
+    """Remove every object below the folder `prefix_uri`; refuses a bucket root or "/"."""
+    if is_s3(prefix_uri):
+        bucket, key = _split_s3(prefix_uri)
+        if not key.strip("/"):
+            raise StorageError(f"{prefix_uri}: refusing to delete a whole bucket")
+        uris = list_uris(prefix_uri)
+        for start in range(0, len(uris), 1000):  # DeleteObjects takes at most 1000 keys
+            keys = [{"Key": _split_s3(u)[1]} for u in uris[start:start + 1000]]
+            with _s3_errors(prefix_uri, "delete"):
+                reply = _client().delete_objects(Bucket=bucket,
+                                                 Delete={"Objects": keys, "Quiet": True})
+            errors = reply.get("Errors")
+            if errors:
+                raise StorageError(f"{prefix_uri}: could not delete {len(errors)} objects, "
+                                   f"first: {errors[0].get('Key')}: {errors[0].get('Message')}")
+        return
+    path = _local_path(prefix_uri)
+    if os.path.abspath(path) == os.path.abspath(os.sep):
+        raise StorageError(f"{prefix_uri}: refusing to delete the filesystem root")
+    with suppress(FileNotFoundError), _local_errors(prefix_uri, "delete"):
+        shutil.rmtree(path)
+
+
+# ---- handing bytes to other libraries ---------------------------------------------------------
+
+@contextmanager
+def local_folder(uri: str) -> Iterator[Path]:
+    """The folder at `uri` on local disk: itself if local, else a temp copy kept while open.
+
+    For loading whole folders (a Hugging Face tokenizer) with libraries that only read paths.
+    """
+    if not is_s3(uri):
+        path = Path(_local_path(uri))
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: no such folder")
+        yield path
+        return
+    uris = list_uris(uri)
+    if not uris:
+        raise FileNotFoundError(f"{uri}: no objects below this prefix")
+    with tempfile.TemporaryDirectory(prefix="lladav-folder-") as tmp:
+        root = Path(tmp).resolve()
+        for object_uri in uris:
+            dest = (root / object_uri[len(uri):].lstrip("/")).resolve()
+            if not dest.is_relative_to(root):
+                raise StorageError(f"{object_uri}: key escapes its folder; refusing to download")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            bucket, key = _split_s3(object_uri)
+            with _s3_errors(object_uri, "download"):
+                _client().download_file(bucket, key, str(dest))
+        yield root
+
+
+def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """`(filesystem, path)` for pyarrow and Ray Data: S3 as "bucket/key", local as an absolute path.
+
+    The S3 filesystem takes the endpoint from AWS_ENDPOINT_URL and leaves credentials to the
+    AWS SDK's own chain (the AWS_* variables first), so no secret is held by the object.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    bucket, key = _split_s3(uri)
+    kwargs: dict[str, Any] = {}
+    if region := os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
+        kwargs["region"] = region
+    if endpoint := _endpoint():
+        parsed = urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise StorageError(f"{uri}: AWS_ENDPOINT_URL must look like http(s)://host:port")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")

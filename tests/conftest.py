@@ -1,0 +1,154 @@
+"""Session fixtures for the real boundaries the tests cross (S3 over HTTP, and later Ray, MLflow).
+
+Nothing here patches a library in-process: S3 is moto's standalone server in a subprocess,
+reached through the same AWS_* environment variables production uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# ---- safe defaults for every test (set at import, before any fixture or library reads them) ----
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+# ---- S3: moto's standalone server -------------------------------------------------------------
+
+_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto_server_bin() -> str:
+    local = Path(sys.executable).parent / "moto_server"
+    found = str(local) if local.exists() else shutil.which("moto_server")
+    if not found:
+        raise RuntimeError("moto_server not found: install the test extra "
+                           "(pip install -e '.[test]')")
+    return found
+
+
+def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path,
+                          timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not answer at {url} within {timeout:.0f} s:\n"
+                       f"{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 endpoint over HTTP; yields its URL with the AWS_* env set for the whole session.
+
+    The env is in place when this returns, so depend on it before `ray.init` and the Ray
+    workers inherit it.
+    """
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([_moto_server_bin(), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    saved = {k: os.environ.get(k) for k in (*_S3_ENV, "AWS_ENDPOINT_URL")}
+    try:
+        _wait_until_answering(endpoint, proc, log)
+        os.environ.update({**_S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket on the session's S3 server, as "s3://<name>"."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    # No endpoint_url: boto3 reads AWS_ENDPOINT_URL, exactly as storage.py relies on.
+    boto3.session.Session().client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+# ---- synthetic corpora and the tiny tokenizer --------------------------------------------------
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes corpus (LLaVA JSON + JPEG/PNG files) with its tokenizer: corpus/, tokenizer/."""
+    from lladav.data.synthetic import synth_all
+
+    out = tmp_path_factory.mktemp("synth")
+    synth_all(out, n_train=60, n_heldout=9)
+    return out
+
+
+@pytest.fixture(scope="session")
+def big_synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A larger corpus, for builds that must run long enough to be interrupted."""
+    from lladav.data.synthetic import synth_all
+
+    out = tmp_path_factory.mktemp("synth_big")
+    synth_all(out, n_train=600, n_heldout=9)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(synth_dir: Path) -> Path:
+    return synth_dir / "tokenizer"
+
+
+# ---- Ray: one local cluster per session ---------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: str) -> Iterator[str]:
+    """A local Ray cluster shared by the session; yields its address (for RAY_ADDRESS).
+
+    Depends on s3_server so the AWS_* variables are set before the workers start and inherit them.
+    """
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, logging_level=logging.WARNING, log_to_driver=False,
+             include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
