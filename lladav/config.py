@@ -1,0 +1,205 @@
+"""Typed configs: mixture recipes (and, later, stages and pipelines) as pydantic models.
+
+Every model forbids unknown keys and is frozen, and every field carries a docstring that the CLI's
+help and the error messages reuse. `load_recipe(path)` reads YAML and fails before any work starts
+with the YAML path of each bad field (`sources.1.weight: ...`), the file name and the fix.
+
+Owns: the schema of the YAML files and their validation. Does not own: what the fields do (that is
+the module named in each model's docstring) or where files live (storage.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file is unreadable or invalid; the message names the file and each bad field."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SourceFilters(StrictModel):
+    """Per-source record filters (data/build.py). A filtered record is written to rejects.parquet
+    with reason `filtered`, so counts always add up."""
+
+    require_image: bool = False
+    """Keep only records with at least one image."""
+    text_only: bool = False
+    """Keep only records without images."""
+    max_turns: int | None = Field(default=None, ge=1)
+    """Keep only conversations with at most this many messages (human + gpt)."""
+    min_response_chars: int | None = Field(default=None, ge=0)
+    """Keep only records whose assistant text is at least this long (characters, all turns)."""
+    exclude_ids: list[str] = []
+    """Source record ids to drop (takedowns, known-bad records)."""
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "SourceFilters":
+        if self.require_image and self.text_only:
+            raise ValueError("require_image and text_only cannot both be true")
+        return self
+
+
+class Source(StrictModel):
+    """One corpus in a mixture (data/sources.py reads it)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Short unique name; it appears in the manifest, the rejects and lineage queries."""
+    kind: Literal["llava_json", "parquet", "webdataset"]
+    """Format: `llava_json` (a .json list or .jsonl of LLaVA records), `parquet` (LLaVA-OneVision
+    layout: id, image bytes, conversations), `webdataset` (tars of image + json/txt, img2dataset style)."""
+    location: str
+    """URI of the corpus: a .json/.jsonl file, a parquet file or folder, a tar file or folder of tars."""
+    image_root: str | None = None
+    """URI that relative `image` paths of llava_json records resolve against (default: the
+    folder of `location`)."""
+    weight: float = Field(default=1.0, ge=0.0)
+    """Deterministic sampling multiplier: 0.3 keeps a seeded 30% of the records, 2.0 repeats every
+    record twice, 2.5 repeats all twice and a seeded half a third time."""
+    tag: str | None = None
+    """Text appended (after a space) to every user turn, e.g. `/think` or `/no_think`."""
+    tag_probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Seeded probability that each user turn gets the tag (the paper's 3b mix uses 0.5 for /think)."""
+    caption_prompt: str = "Describe the image briefly."
+    """User turn for caption-only records (webdataset tars with a txt caption)."""
+    filters: SourceFilters = SourceFilters()
+    """Record filters applied before deduplication."""
+
+
+class ImageLimits(StrictModel):
+    """Image validation (data/images.py). Records failing these go to rejects.parquet."""
+
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    """Width x height above this is refused as a possible decompression bomb, before decoding."""
+    min_side: int = Field(default=8, ge=1)
+    """Images whose shorter side is below this many pixels are refused."""
+    max_bytes: int = Field(default=64 * 2**20, ge=1)
+    """Encoded images larger than this are refused."""
+
+
+class VisionGeometry(StrictModel):
+    """How many feature tokens an image becomes (data/images.py, model/lladav.py): the numbers the
+    manifest's image-token counts and the max_length check are computed from."""
+
+    image_aspect: Literal["anyres_max_4", "square"] | None = None
+    """`anyres_max_4` (stages 2-3) or `square` (stage 1); default follows the template."""
+    tile_size: int = Field(default=384, ge=1)
+    """Side of one vision-tower tile in pixels (SigLIP2 so400m: 384)."""
+    patch_size: int = Field(default=14, ge=1)
+    """Vision patch size in pixels (so400m: 14, i.e. 27x27 = 729 patches per tile)."""
+    max_grid: int = Field(default=6, ge=1)
+    """Grid pinpoints (1x1)..(NxN) in tiles (the paper: 6)."""
+    max_tiles_area: int = Field(default=4, ge=1)
+    """The `anyres_max_N` cap: feature maps above N tiles' worth are downscaled (the paper: 4)."""
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patches along a tile side; the patch convolution drops the remainder (384 // 14 = 27)."""
+        return self.tile_size // self.patch_size
+
+
+class Recipe(StrictModel):
+    """A mixture recipe: `lladav data build RECIPE` turns it into tokenized WebDataset shards."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Mixture name, recorded in mixture.json and in lineage."""
+    sources: list[Source] = Field(min_length=1)
+    """The corpora to mix."""
+    template: Literal["llava_llada", "llada_plain"] = "llava_llada"
+    """Chat template: `llava_llada` (stages 2-3, system prompt and headers) or `llada_plain`
+    (stage 1: image placeholder + caption + newline)."""
+    tokenizer: str
+    """URI of a Hugging Face tokenizer folder (local or s3://)."""
+    max_length: int = Field(default=8192, ge=8)
+    """Samples longer than this (text tokens + image feature tokens) are refused."""
+    samples_per_shard: int = Field(default=1000, ge=1)
+    """Samples written per tar shard (the last shard may hold fewer)."""
+    seed: int = 0
+    """Seeds weight sampling, tag draws and the mixture order."""
+    dedup: bool = True
+    """Exact deduplication on (image sha256s, normalized text): later copies are refused."""
+    images: ImageLimits = ImageLimits()
+    """Image validation limits."""
+    vision: VisionGeometry = VisionGeometry()
+    """Vision geometry used to count image tokens."""
+    output: str | None = None
+    """URI to write the mixture to; `--out` overrides it. Not part of the mixture's identity."""
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Source]) -> list[Source]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return sources
+
+    @property
+    def image_aspect(self) -> str:
+        if self.vision.image_aspect is not None:
+            return self.vision.image_aspect
+        return "square" if self.template == "llada_plain" else "anyres_max_4"
+
+    def identity(self) -> dict[str, Any]:
+        """The resolved recipe as recorded in mixture.json: every field with defaults filled in,
+        minus `output` (where a mixture is written does not change what it is)."""
+        return self.model_dump(mode="json", exclude={"output"})
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: invalid recipe\n{_format_errors(e)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML. Relative local URIs resolve against the YAML's folder."""
+    data = load_yaml(path)
+    recipe = parse_recipe(data, str(path))
+    return _resolve_relative(recipe, Path(path).resolve().parent)
+
+
+def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
+    def fix(uri: str | None) -> str | None:
+        if uri is None or "://" in uri or Path(uri).is_absolute():
+            return uri
+        return str((base / uri).resolve())
+
+    sources = [s.model_copy(update={"location": fix(s.location), "image_root": fix(s.image_root)})
+               for s in recipe.sources]
+    return recipe.model_copy(update={"sources": sources, "tokenizer": fix(recipe.tokenizer),
+                                     "output": fix(recipe.output)})

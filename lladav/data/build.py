@@ -1,0 +1,460 @@
+"""`lladav data build`: a recipe -> a committed, tokenized WebDataset mixture at a URI.
+
+The stages, each a function below:
+    plan     (driver)     enumerate every source, apply weights, fix the mixture order by
+                          sha256(seed, source, record, copy): a pure function of the data
+    scan     (Ray tasks)  read, validate, filter, hash and tokenize each planned record
+    dedup    (driver)     drop later copies of the same (image sha256s, normalized text)
+    assign   (driver)     survivors, in plan order, cut into shards of `samples_per_shard`
+    write    (Ray tasks)  read each shard's records again, tokenize, write the tar atomically
+    commit   (driver)     manifest.parquet, rejects.parquet, then mixture.json, last
+
+Why records are read twice: dedup must see every record before any shard is cut, and cutting
+shards from the global survivor list is what makes the output independent of how many workers
+ran (byte-identical with 1 or 20). Holding all token ids on the driver would not scale; reading
+a record again costs one range read and a fast tokenizer call.
+
+Resume: each written shard leaves a small done-marker (`_build/shard-N.json`, with the digest of
+the plan it was written from) after its tar; a rerun skips shards whose marker matches. Nothing
+looks committed until mixture.json exists, and `_build/` is removed after the commit.
+
+Owns: the build's order of work and its guarantees. Does not own: reading formats
+(data/sources.py), image and template rules (data/images.py, data/conversation.py), or the
+files' schemas (data/manifest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from lladav import storage
+from lladav.config import Recipe, Source
+from lladav.data import manifest as mf
+from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, add_tag,
+                                      normalize_turns, normalized_text, tokenize)
+from lladav.data.images import BadImage, image_token_count, inspect_image
+from lladav.data.sources import (BadRecord, RecordRef, Unreadable, check_source, enumerate_source,
+                                 load_record)
+from lladav.digest import (canonical_json, code_version, digest_obj, hash_key, hash_unit,
+                           pretty_json, sha256_bytes)
+
+log = logging.getLogger(__name__)
+
+SCAN_CHUNK = 64          # records per scan task: big enough to amortise task start-up
+BUILD_DIR = "_build"     # resume markers; removed after the commit
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or cannot finish; the message names the URI and the fix."""
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    index: int        # position in the mixture order
+    ref: RecordRef
+    copy: int         # repeat index for weight > 1
+
+
+@dataclass
+class Plan:
+    entries: list[PlanEntry]
+    unreadable: list[Unreadable]
+    records: Counter          # per source: records enumerated (unreadable included)
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """A scan result: light enough to bring every record's back to the driver."""
+
+    index: int
+    reason: str | None = None
+    detail: str = ""
+    image_sha256: tuple[str, ...] = ()
+    text_sha256: str = ""
+
+
+@dataclass
+class Sample:
+    entry: PlanEntry
+    images: list[tuple[bytes, str, int, int]]  # (bytes, ext, width, height)
+    image_sha256: tuple[str, ...]
+    turns: list[Turn]
+    text_sha256: str
+    ids: np.ndarray
+    targets: np.ndarray
+    n_image_tokens: int
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+# ---- plan -----------------------------------------------------------------------------------
+
+def plan(recipe: Recipe) -> Plan:
+    """Enumerate the sources, apply weights, and fix the order of the mixture.
+
+    Weight w keeps floor(w) copies of every record plus one more copy of the round(frac(w)*n)
+    records with the smallest seeded hash: an exact, seeded fraction.
+    """
+    entries: list[tuple[str, RecordRef, int]] = []
+    unreadable: list[Unreadable] = []
+    records: Counter = Counter()
+    for source in recipe.sources:
+        refs = []
+        for item in enumerate_source(source):
+            records[source.name] += 1
+            (unreadable if isinstance(item, Unreadable) else refs).append(item)
+        whole, frac = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
+        by_draw = sorted(refs, key=lambda r: hash_key(recipe.seed, "weight", source.name, r.ordinal,
+                                                      r.record_id))
+        extra = {r.ordinal for r in by_draw[:round(frac * len(refs))]}
+        for ref in refs:
+            for copy in range(whole + (ref.ordinal in extra)):
+                key = hash_key(recipe.seed, "order", ref.source, ref.ordinal, ref.record_id, copy)
+                entries.append((key, ref, copy))
+    entries.sort(key=lambda e: e[0])
+    return Plan([PlanEntry(i, ref, copy) for i, (_, ref, copy) in enumerate(entries)],
+                unreadable, records)
+
+
+# ---- per-record processing (shared by scan and write, so both see the same sample) -----------
+
+@lru_cache(maxsize=2)
+def _tokenizer(uri: str) -> ChatTokenizer:
+    if not storage.is_s3(uri):
+        return ChatTokenizer.from_folder(uri)
+    ctx = storage.local_folder(uri)   # kept open for the worker's lifetime (cached)
+    return ChatTokenizer.from_folder(ctx.__enter__())
+
+
+def _apply_filters(source: Source, turns: list[Turn], n_images: int, record_id: str) -> None:
+    f = source.filters
+    if f.require_image and n_images == 0:
+        raise Rejected("filtered", "require_image: the record has no image")
+    if f.text_only and n_images > 0:
+        raise Rejected("filtered", "text_only: the record has images")
+    if f.max_turns is not None and len(turns) > f.max_turns:
+        raise Rejected("filtered", f"max_turns: {len(turns)} > {f.max_turns}")
+    answer = sum(len(t.text) for t in turns if t.role == "assistant")
+    if f.min_response_chars is not None and answer < f.min_response_chars:
+        raise Rejected("filtered", f"min_response_chars: {answer} < {f.min_response_chars}")
+    if record_id in f.exclude_ids:
+        raise Rejected("filtered", "exclude_ids")
+
+
+def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -> Sample:
+    """Read, validate, filter, template and tokenize one planned record, or raise Rejected."""
+    ref = entry.ref
+    source = next(s for s in recipe.sources if s.name == ref.source)
+    try:
+        loaded = load_record(source, ref, cache)
+        infos = []
+        for blob in loaded.images:
+            try:
+                infos.append(inspect_image(blob.data, recipe.images))
+            except BadImage as e:
+                raise Rejected(e.code, f"{e.detail} ({blob.location})") from None
+        turns = normalize_turns(loaded.conversations, len(infos))
+    except (BadRecord, ConversationError) as e:
+        raise Rejected(e.code, e.detail) from None
+    _apply_filters(source, turns, len(infos), ref.record_id)
+    text_sha = sha256_bytes(normalized_text(turns).encode())
+    if source.tag:
+        n_user = sum(t.role == "user" for t in turns)
+        draws = [hash_unit(recipe.seed, "tag", ref.source, ref.ordinal, ref.record_id, entry.copy, k)
+                 < source.tag_probability for k in range(n_user)]
+        turns = add_tag(turns, source.tag, draws)
+    try:
+        tokens = tokenize(turns, tok, recipe.template)
+    except ConversationError as e:
+        raise Rejected(e.code, e.detail) from None
+    n_image_tokens = sum(image_token_count(i.width, i.height, recipe.vision, recipe.image_aspect,
+                                           len(infos)) for i in infos)
+    n_total = tokens.n_text_tokens + n_image_tokens
+    if n_total > recipe.max_length:
+        raise Rejected("too_long", f"{n_total} tokens ({tokens.n_text_tokens} text + "
+                                   f"{n_image_tokens} image) > max_length {recipe.max_length}")
+    images = [(b.data, i.ext, i.width, i.height) for b, i in zip(loaded.images, infos)]
+    return Sample(entry, images, tuple(sha256_bytes(b.data) for b in loaded.images), turns,
+                  text_sha, tokens.ids, tokens.targets, n_image_tokens)
+
+
+# ---- scan and write (Ray task bodies; plain functions so they also run in-process) ----------
+
+def scan_chunk(recipe: Recipe, entries: list[PlanEntry]) -> list[Scanned]:
+    tok, cache, out = _tokenizer(recipe.tokenizer), {}, []
+    for entry in entries:
+        try:
+            s = process(recipe, entry, tok, cache)
+            out.append(Scanned(entry.index, image_sha256=s.image_sha256, text_sha256=s.text_sha256))
+        except Rejected as e:
+            out.append(Scanned(entry.index, e.reason, e.detail))
+    return out
+
+
+def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
+    ref = sample.entry.ref
+    return {
+        "key": key, "shard": shard, "source": ref.source, "source_id": ref.record_id,
+        "location": ref.location, "copy": sample.entry.copy,
+        "image_sha256": list(sample.image_sha256),
+        "image_widths": [w for _, _, w, _ in sample.images],
+        "image_heights": [h for _, _, _, h in sample.images],
+        "text_sha256": sample.text_sha256,
+        "n_tokens": int(len(sample.ids)) - int((sample.ids < 0).sum()) + sample.n_image_tokens,
+        "n_text_tokens": int((sample.ids >= 0).sum()),
+        "n_target_tokens": int(sample.targets.sum()),
+        "n_image_tokens": sample.n_image_tokens,
+    }
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
+                entries: list[PlanEntry], expected: dict[int, tuple[str, ...]],
+                shard_plan: str) -> dict[str, Any]:
+    """Write one shard's tar (atomically), then its done-marker; return the marker."""
+    import webdataset as wds
+
+    tok, cache, rows = _tokenizer(recipe.tokenizer), {}, []
+    name = mf.shard_name(shard_index)
+    samples = []
+    for entry in entries:
+        try:
+            sample = process(recipe, entry, tok, cache)
+        except Rejected as e:
+            raise BuildError(f"{entry.ref.location} passed the scan but now fails ({e}); "
+                             "did the source change during the build?") from None
+        if sample.image_sha256 != expected[entry.index]:
+            raise BuildError(f"{entry.ref.location}: its images changed during the build")
+        samples.append(sample)
+    with storage.open_write(storage.join(out_uri, name)) as f:
+        # Fixed owner, mode and mtime: the same samples give the same tar bytes.
+        writer = wds.TarWriter(f, user="lladav", group="lladav", mode=0o444, mtime=0.0, encoder=False)
+        for i, sample in enumerate(samples):
+            key = f"{first_key + i:09d}"
+            row = _manifest_row(sample, key, name)
+            rows.append(row)
+            member = {"__key__": key,
+                      "json": canonical_json({**row, "template": recipe.template,
+                                              "turns": [{"role": t.role, "text": t.text}
+                                                        for t in sample.turns]}),
+                      "ids.npy": _npy(sample.ids.astype(np.int32)),
+                      "targets.npy": _npy(sample.targets.astype(np.uint8))}
+            for k, (data, ext, _, _) in enumerate(sample.images):
+                member[f"img{k}.{ext}"] = data
+            writer.write(member)
+        writer.close()
+    data = storage.read_bytes(storage.join(out_uri, name))
+    marker = {"plan": shard_plan, "name": name, "sha256": sha256_bytes(data), "bytes": len(data),
+              "samples": len(samples), "rows": rows}
+    storage.write_bytes(storage.join(out_uri, BUILD_DIR, f"shard-{shard_index:06d}.json"),
+                        canonical_json(marker))
+    return marker
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+def _run_tasks(fn: Callable, args_list: list[tuple], num_workers: int, phase: str,
+               progress: Progress | None) -> list[Any]:
+    """Run fn(*args) for each args as Ray tasks, at most `num_workers` at a time, in order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(fn)
+    results: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+    todo = list(enumerate(args_list))[::-1]
+    total = len(args_list)
+    if progress:
+        progress(phase, 0, total)
+    while todo or pending:
+        while todo and len(pending) < num_workers:
+            i, args = todo.pop()
+            pending[remote.remote(*args)] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+        if progress:
+            progress(phase, len(results), total)
+    return [results[i] for i in range(total)]
+
+
+def ensure_ray() -> None:
+    """Join the Ray cluster at RAY_ADDRESS, or start a local one when none is running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
+                 log_to_driver=False)
+
+
+def _tokenizer_digest(uri: str) -> str:
+    uris = [u for u in storage.list_uris(uri) if not storage.basename(u).startswith(".")]
+    return digest_obj({u[len(uri):].lstrip("/"): sha256_bytes(storage.read_bytes(u)) for u in uris})
+
+
+def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
+          overwrite: bool = False, progress: Progress | None = None) -> mf.Mixture:
+    """Build `recipe` into a committed mixture at `out_uri` (or `recipe.output`); see module doc."""
+    out_uri = out_uri or recipe.output
+    if not out_uri:
+        raise BuildError("no output URI: pass --out or set `output` in the recipe")
+    for source in recipe.sources:
+        check_source(source)
+    if not storage.list_uris(recipe.tokenizer):
+        raise BuildError(f"tokenizer: {recipe.tokenizer} does not exist or is empty")
+    tokenizer_digest = _tokenizer_digest(recipe.tokenizer)
+    recipe_identity = recipe.identity()
+    version = code_version()
+
+    the_plan = plan(recipe)
+    plan_digest = digest_obj({"recipe": recipe_identity, "tokenizer": tokenizer_digest,
+                              "code": version,
+                              "entries": [[e.ref.location, e.copy] for e in the_plan.entries]})
+    committed = _committed_plan(out_uri)
+    if committed is not None:
+        if committed == plan_digest and not overwrite:
+            log.info("%s already holds this mixture; nothing to do", out_uri)
+            return mf.open_mixture(out_uri)
+        if not overwrite:
+            raise BuildError(f"{out_uri} already holds a different committed mixture; "
+                             "choose another --out, or pass --overwrite to replace it")
+        storage.delete(storage.join(out_uri, mf.MIXTURE_JSON))  # uncommit before touching shards
+
+    ensure_ray()
+    chunks = [the_plan.entries[i:i + SCAN_CHUNK] for i in range(0, len(the_plan.entries), SCAN_CHUNK)]
+    scanned = [s for part in _run_tasks(scan_chunk, [(recipe, c) for c in chunks], num_workers,
+                                        "scan", progress) for s in part]
+    survivors, rejects = _dedup(recipe, the_plan, scanned)
+
+    spp = recipe.samples_per_shard
+    shard_jobs, markers = [], {}
+    for s, start in enumerate(range(0, len(survivors), spp)):
+        entries = survivors[start:start + spp]
+        expected = {e.index: scanned[e.index].image_sha256 for e in entries}
+        shard_plan = digest_obj([plan_digest, s, [e.index for e in entries]])
+        marker = _done_marker(out_uri, s, shard_plan)
+        if marker is not None:
+            markers[s] = marker
+        else:
+            shard_jobs.append((s, (recipe, out_uri, s, start, entries, expected, shard_plan)))
+    if markers:
+        log.info("resuming: %d of %d shards already written", len(markers), len(markers) + len(shard_jobs))
+    written = _run_tasks(write_shard, [a for _, a in shard_jobs], num_workers, "write", progress)
+    markers.update({s: m for (s, _), m in zip(shard_jobs, written)})
+    shards = [markers[s] for s in sorted(markers)]
+    return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tokenizer_digest, version)
+
+
+def _committed_plan(out_uri: str) -> str | None:
+    try:
+        return mf.open_mixture(out_uri).info.get("plan_digest")
+    except mf.MixtureNotCommitted:
+        return None
+
+
+def _done_marker(out_uri: str, shard: int, shard_plan: str) -> dict | None:
+    uri = storage.join(out_uri, BUILD_DIR, f"shard-{shard:06d}.json")
+    try:
+        marker = json.loads(storage.read_bytes(uri))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if marker.get("plan") != shard_plan or not storage.exists(storage.join(out_uri, marker["name"])):
+        return None
+    return marker
+
+
+def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list[PlanEntry], list[dict]]:
+    """Survivors in plan order, and reject rows for everything else (unreadable ones first)."""
+    rejects = [{"source": u.source, "source_id": None, "location": u.location, "copy": 0,
+                "reason": u.code, "detail": u.detail} for u in the_plan.unreadable]
+    first_seen: dict[tuple, tuple[str, int, str]] = {}
+    survivors = []
+    for entry, result in zip(the_plan.entries, scanned):
+        ref = entry.ref
+        reason, detail = result.reason, result.detail
+        if reason is None and recipe.dedup:
+            key = (result.image_sha256, result.text_sha256)
+            owner = first_seen.setdefault(key, (ref.source, ref.ordinal, ref.location))
+            if owner[:2] != (ref.source, ref.ordinal):  # repeats of one record (weight > 1) stay
+                reason, detail = "duplicate", f"same images and text as {owner[2]}"
+        if reason is None:
+            survivors.append(entry)
+        else:
+            rejects.append({"source": ref.source, "source_id": ref.record_id, "location": ref.location,
+                            "copy": entry.copy, "reason": reason, "detail": detail})
+    return survivors, rejects
+
+
+def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], rejects: list[dict],
+            plan_digest: str, tokenizer_digest: str, version: dict) -> mf.Mixture:
+    rows = [row for shard in shards for row in shard["rows"]]
+    # Shards left over from an earlier, larger build of the same URI are not part of this one.
+    names = {s["name"] for s in shards}
+    for uri in storage.list_uris(storage.join(out_uri, mf.SHARD_DIR)):
+        if uri[len(out_uri):].lstrip("/") not in names:
+            storage.delete(uri)
+    manifest_bytes = mf.table_bytes(rows, mf.MANIFEST_SCHEMA)
+    rejects_bytes = mf.table_bytes(rejects, mf.REJECTS_SCHEMA)
+    storage.write_bytes(storage.join(out_uri, mf.MANIFEST), manifest_bytes)
+    storage.write_bytes(storage.join(out_uri, mf.REJECTS), rejects_bytes)
+    info = {
+        "format": mf.MIXTURE_FORMAT,
+        "name": recipe.name,
+        "recipe": recipe.identity(),
+        "recipe_digest": digest_obj(recipe.identity()),
+        "plan_digest": plan_digest,
+        "tokenizer": {"uri": recipe.tokenizer, "digest": tokenizer_digest,
+                      "special_ids": _tokenizer(recipe.tokenizer).special_ids()},
+        "counts": _counts(recipe, the_plan, rows, rejects, len(shards)),
+        "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "samples")} for s in shards],
+        "manifest": {"name": mf.MANIFEST, "sha256": sha256_bytes(manifest_bytes), "rows": len(rows)},
+        "rejects": {"name": mf.REJECTS, "sha256": sha256_bytes(rejects_bytes), "rows": len(rejects)},
+        "code_version": version,
+    }
+    storage.write_bytes(storage.join(out_uri, mf.MIXTURE_JSON), pretty_json(info))  # the commit
+    storage.delete_prefix(storage.join(out_uri, BUILD_DIR))
+    return mf.open_mixture(out_uri)
+
+
+def _counts(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: list[dict],
+            n_shards: int) -> dict[str, Any]:
+    selected = Counter(e.ref.source for e in the_plan.entries)
+    by_source: dict[str, Any] = {}
+    reasons: dict[str, Counter] = defaultdict(Counter)
+    for r in rejects:
+        reasons[r["source"]][r["reason"]] += 1
+    for source in recipe.sources:
+        mine = [r for r in rows if r["source"] == source.name]
+        by_source[source.name] = {
+            "records": the_plan.records[source.name],
+            "selected": selected[source.name],
+            "samples": len(mine),
+            "rejected": sum(reasons[source.name].values()),
+            "rejected_by_reason": dict(sorted(reasons[source.name].items())),
+            "tokens": sum(r["n_tokens"] for r in mine),
+            "target_tokens": sum(r["n_target_tokens"] for r in mine),
+            "image_tokens": sum(r["n_image_tokens"] for r in mine),
+        }
+    return {"samples": len(rows), "rejected": len(rejects), "shards": n_shards,
+            "tokens": sum(r["n_tokens"] for r in rows), "by_source": by_source}

@@ -1,0 +1,252 @@
+"""LLaDA-V's chat templates and tokenization: token ids, the target mask, the image placeholder.
+
+Owns: turning a LLaVA conversation into the exact id sequence and target mask of the reference
+(lladav_reference.md, "Tokens and template" and "Labels"): the `llava_llada` template of stages 2-3,
+the `llada_plain` template of stage 1, the inference prompt, the per-source tags, and the text
+identity used for dedup. Does not own: images (data/images.py), padding and batching
+(data/loader.py), or masking for the diffusion loss (diffusion.py).
+
+Special token ids are looked up by name in the tokenizer a recipe names, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Special tokens of LLaDA-8B-Instruct's tokenizer (lladav_reference.md, "Tokens and template").
+# Ids are looked up by name in whatever tokenizer a recipe names, never hard-coded: the real
+# tokenizer gives 126080/126081/126336/126346/126347/126348, the tiny test tokenizer its own.
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"          # also the pad token
+MASK = "<|mdm_mask|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+IMAGE = "<image>"              # text placeholder; becomes IMAGE_PLACEHOLDER_ID in token ids
+SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT, IMAGE]
+IMAGE_PLACEHOLDER_ID = -200    # LLaVA's IMAGE_TOKEN_INDEX
+IGNORE_INDEX = -100
+
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language."
+)
+# LLaVA's speaker names -> LLaDA chat roles.
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+
+
+class ConversationError(ValueError):
+    """A record's conversation cannot be templated; `code` is the reject reason."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One templated sample. `ids` holds IMAGE_PLACEHOLDER_ID where image features go;
+    `targets[i]` is 1 where position i is a training target (lladav_reference.md, "Labels")."""
+
+    ids: np.ndarray      # (L,) int32
+    targets: np.ndarray  # (L,) uint8, 0/1
+
+    @property
+    def n_placeholders(self) -> int:
+        return int((self.ids == IMAGE_PLACEHOLDER_ID).sum())
+
+    @property
+    def n_text_tokens(self) -> int:
+        return int(len(self.ids)) - self.n_placeholders
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.sum())
+
+    def labels(self) -> np.ndarray:
+        """Labels in the reference's convention: the id where targeted, IGNORE_INDEX elsewhere."""
+        return np.where(self.targets.astype(bool), self.ids, IGNORE_INDEX).astype(np.int64)
+
+
+def normalize_turns(conversations: Any, n_images: int) -> list[Turn]:
+    """LLaVA `conversations` -> checked turns, as the reference prepares them.
+
+    Drops leading assistant turns, maps speaker names, moves a lone `<image>` to the front of
+    its turn (`"<image>\\n" + rest`), and adds placeholders to the first user turn when a record
+    has images but none in its text. Raises ConversationError with the reject reason.
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise ConversationError("malformed_record", "`conversations` must be a non-empty list")
+    turns: list[Turn] = []
+    for i, msg in enumerate(conversations):
+        if not isinstance(msg, dict) or not isinstance(msg.get("value"), str):
+            raise ConversationError("malformed_record", f"conversations[{i}] needs a string `value`")
+        role = ROLES.get(str(msg.get("from", "")).lower())
+        if role is None:
+            raise ConversationError("malformed_record",
+                                    f"conversations[{i}].from={msg.get('from')!r} is not a known speaker")
+        turns.append(Turn(role, msg["value"]))
+    while turns and turns[0].role == "assistant":
+        turns.pop(0)
+    if not any(t.role == "assistant" and t.text.strip() for t in turns):
+        raise ConversationError("no_assistant_turn", "the conversation has no assistant answer")
+    turns = [_move_lone_placeholder(t) for t in turns]
+    n_marks = sum(t.text.count(IMAGE) for t in turns)
+    if n_marks == 0 and n_images:
+        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+        if first_user is None:
+            raise ConversationError("malformed_record", "images but no user turn to attach them to")
+        t = turns[first_user]
+        turns[first_user] = Turn(t.role, " ".join([IMAGE] * n_images) + "\n" + t.text)
+        n_marks = n_images
+    if n_marks != n_images:
+        raise ConversationError("image_count_mismatch",
+                                f"{n_marks} {IMAGE} placeholders but {n_images} images")
+    return turns
+
+
+def _move_lone_placeholder(turn: Turn) -> Turn:
+    if turn.text.count(IMAGE) == 1 and not turn.text.startswith(IMAGE):
+        return Turn(turn.role, IMAGE + "\n" + turn.text.replace(IMAGE, "").strip())
+    return turn
+
+
+def add_tag(turns: list[Turn], tag: str, draws: Sequence[bool]) -> list[Turn]:
+    """Append `" " + tag` to user turn k when draws[k] (one draw per user turn)."""
+    out, k = [], 0
+    for t in turns:
+        if t.role == "user":
+            if draws[k]:
+                t = Turn(t.role, f"{t.text} {tag}")
+            k += 1
+        out.append(t)
+    return out
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalized_text(turns: list[Turn]) -> str:
+    """The text identity used for exact dedup: NFKC, case-folded, whitespace collapsed, with roles."""
+    return "\n".join(f"{t.role}: {_WS.sub(' ', unicodedata.normalize('NFKC', t.text)).strip().casefold()}"
+                     for t in turns)
+
+
+class ChatTokenizer:
+    """A Hugging Face tokenizer plus the LLaDA special ids, looked up by name.
+
+    `<image>` is added to a copy of the tokenizer when absent (as the reference does) and its id
+    is replaced by IMAGE_PLACEHOLDER_ID, so it never reaches the stored ids.
+    """
+
+    def __init__(self, tokenizer: Any):
+        if tokenizer.convert_tokens_to_ids(IMAGE) in (None, tokenizer.unk_token_id):
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
+        self.tokenizer = tokenizer
+        missing = [t for t in SPECIAL_TOKENS
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"tokenizer lacks the LLaDA special tokens {missing}")
+        ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id, self.mask_id = ids[BOS], ids[EOS], ids[MASK]
+        self.sh_id, self.eh_id, self.eot_id, self.image_id = (
+            ids[START_HEADER], ids[END_HEADER], ids[EOT], ids[IMAGE])
+        # Template tokens that are targets wherever they stand, prompt turns included.
+        self.structural_ids = np.array([self.bos_id, self.sh_id, self.eh_id, self.eot_id])
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "ChatTokenizer":
+        return _load_cached(str(path))
+
+    def special_ids(self) -> dict[str, int]:
+        return {"bos": self.bos_id, "eos": self.eos_id, "mask": self.mask_id, "start_header":
+                self.sh_id, "end_header": self.eh_id, "eot": self.eot_id,
+                "image_placeholder": IMAGE_PLACEHOLDER_ID}
+
+    def encode(self, text: str) -> np.ndarray:
+        """Tokenize without added BOS/EOS; `<image>` becomes IMAGE_PLACEHOLDER_ID."""
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        ids[ids == self.image_id] = IMAGE_PLACEHOLDER_ID
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids if i >= 0], skip_special_tokens=False)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str) -> ChatTokenizer:
+    # One tokenizer per worker process and folder: loading costs ~0.1-1 s, a shard needs it once.
+    from transformers import AutoTokenizer
+
+    return ChatTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _message(role: str, content: str) -> str:
+    return f"{BOS}{START_HEADER}{role}{END_HEADER}\n\n{content}{EOT}"
+
+
+def tokenize_llava_llada(turns: list[Turn], tok: ChatTokenizer) -> Tokenized:
+    """The stage 2-3 template: system message, then every turn with its BOS dropped.
+
+    Targets: all tokens of assistant messages, plus BOS/SH/EH/EOT wherever they stand.
+    """
+    pieces, targets = [], []
+    messages = [Turn("system", SYSTEM_PROMPT)] + [t for t in turns if t.role != "system"]
+    for i, turn in enumerate(messages):
+        ids = tok.encode(_message(turn.role, turn.text))
+        if i > 0:
+            ids = ids[1:]  # the reference drops the BOS of every message after the first
+        is_target = (np.ones(len(ids), dtype=np.uint8) if turn.role == "assistant"
+                     else np.isin(ids, tok.structural_ids).astype(np.uint8))
+        pieces.append(ids)
+        targets.append(is_target)
+    return Tokenized(np.concatenate(pieces).astype(np.int32), np.concatenate(targets))
+
+
+def tokenize_llada_plain(turns: list[Turn], tok: ChatTokenizer) -> Tokenized:
+    """The stage 1 template: `<image>` + first answer + "\\n"; the user text is discarded.
+
+    Targets: every position but the placeholder.
+    """
+    caption = next(t.text for t in turns if t.role == "assistant")
+    text_ids = tok.encode(caption + "\n")
+    ids = np.concatenate([np.array([IMAGE_PLACEHOLDER_ID], dtype=np.int32), text_ids])
+    targets = np.concatenate([np.zeros(1, dtype=np.uint8), np.ones(len(text_ids), dtype=np.uint8)])
+    return Tokenized(ids.astype(np.int32), targets)
+
+
+def tokenize(turns: list[Turn], tok: ChatTokenizer, template: str) -> Tokenized:
+    if template == "llava_llada":
+        return tokenize_llava_llada(turns, tok)
+    if template == "llada_plain":
+        n_marks = sum(t.text.count(IMAGE) for t in turns)
+        if n_marks != 1:
+            raise ConversationError("template_mismatch",
+                                    f"llada_plain needs exactly one image, the record has {n_marks}")
+        return tokenize_llada_plain(turns, tok)
+    raise ValueError(f"unknown template {template!r}; expected llava_llada or llada_plain")
+
+
+def prompt_ids(question: str, tok: ChatTokenizer, n_images: int = 1) -> np.ndarray:
+    """Inference prompt: system + user turn, ending with the assistant header and "\\n\\n"."""
+    turns = normalize_turns([{"from": "human", "value": question},
+                             {"from": "gpt", "value": "-"}], n_images)
+    body = tokenize_llava_llada(turns[:1], tok).ids
+    header = tok.encode(f"{START_HEADER}assistant{END_HEADER}\n\n")
+    return np.concatenate([body, header]).astype(np.int32)

@@ -1,0 +1,106 @@
+"""The committed mixture's index files: manifest.parquet, rejects.parquet and mixture.json.
+
+Owns: the pyarrow schemas of the two tables, their deterministic serialisation (the same rows
+give the same bytes), the layout of a mixture folder, and reading a committed mixture back
+(`open_mixture` refuses anything without its mixture.json, which is written last).
+Does not own: how rows are produced (data/build.py) or how shards are read for training
+(data/loader.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lladav import storage
+from lladav.digest import sha256_bytes
+
+MIXTURE_FORMAT = "lladav.mixture/1"
+MIXTURE_JSON = "mixture.json"
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.parquet"
+SHARD_DIR = "shards"
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_DIR}/shard-{index:06d}.tar"
+
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),              # sample key inside the shard (<key>.json, <key>.ids.npy, ...)
+    ("shard", pa.string()),            # shard path relative to the mixture, e.g. shards/shard-000000.tar
+    ("source", pa.string()),           # recipe source name
+    ("source_id", pa.string()),        # the record's id in its corpus
+    ("location", pa.string()),         # where the record was read: uri#byte=..., uri#row=..., tar#key
+    ("copy", pa.int32()),              # 0, or the repeat index when weight > 1
+    ("image_sha256", pa.list_(pa.string())),
+    ("image_widths", pa.list_(pa.int32())),
+    ("image_heights", pa.list_(pa.int32())),
+    ("text_sha256", pa.string()),      # sha256 of the normalized conversation text (dedup identity)
+    ("n_tokens", pa.int32()),          # sequence length the model sees: text + image feature tokens
+    ("n_text_tokens", pa.int32()),
+    ("n_target_tokens", pa.int32()),
+    ("n_image_tokens", pa.int32()),
+])
+
+REJECTS_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("source_id", pa.string()),        # null when the record could not be parsed
+    ("location", pa.string()),
+    ("copy", pa.int32()),
+    ("reason", pa.string()),           # short code: image_truncated, duplicate, too_long, ...
+    ("detail", pa.string()),           # the human explanation
+])
+
+
+def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    """Rows -> parquet bytes. Fixed writer options and no pandas metadata, so the same rows
+    always serialise to the same bytes."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=100_000,
+                   write_statistics=False, store_schema=False)
+    return sink.getvalue()
+
+
+def read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+class MixtureNotCommitted(FileNotFoundError):
+    """The URI holds no committed mixture (no mixture.json): a build is absent or unfinished."""
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A committed mixture: its URI, its parsed mixture.json and that file's digest (its name)."""
+
+    uri: str
+    info: dict[str, Any]
+    digest: str
+
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s["name"]) for s in self.info["shards"]]
+
+    def manifest(self) -> pa.Table:
+        return read_table(storage.join(self.uri, MANIFEST))
+
+    def rejects(self) -> pa.Table:
+        return read_table(storage.join(self.uri, REJECTS))
+
+
+def open_mixture(uri: str) -> Mixture:
+    try:
+        raw = storage.read_bytes(storage.join(uri, MIXTURE_JSON))
+    except FileNotFoundError:
+        raise MixtureNotCommitted(f"{uri}: no {MIXTURE_JSON}; the mixture was never committed "
+                                  "(the build is missing or did not finish)") from None
+    info = json.loads(raw)
+    if info.get("format") != MIXTURE_FORMAT:
+        raise ValueError(f"{uri}/{MIXTURE_JSON}: format {info.get('format')!r}, expected {MIXTURE_FORMAT}")
+    return Mixture(uri, info, sha256_bytes(raw))
