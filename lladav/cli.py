@@ -19,7 +19,8 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLaDA-V training, end to end.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect training mixtures.")
 app.add_typer(data_app, name="data")
-console = Console()
+# Piped output (CI logs, `make demo | tee`) gets a fixed width wide enough for the tables.
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / ".lladav" / "demo"
@@ -61,21 +62,23 @@ def print_summary(mixture: Any) -> None:
     """The table `data build` ends with and `data inspect` prints."""
     info = mixture.info
     counts = info["counts"]
-    table = Table(title=f"mixture {info['name']}  ({mixture.uri})", title_justify="left")
-    for col in ("source", "records", "selected", "samples", "rejected", "reject reasons",
-                "tokens", "target tok", "image tok"):
-        table.add_column(col, justify="left" if col in ("source", "reject reasons") else "right")
+    table = Table(title=f"mixture {info['name']}  {mixture.uri}", title_justify="left")
+    for col in ("source", "records", "selected", "samples", "rejected", "tokens", "targets", "image tok"):
+        table.add_column(col, justify="left" if col == "source" else "right", no_wrap=True)
     for name, c in counts["by_source"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "-"
         table.add_row(name, str(c["records"]), str(c["selected"]), str(c["samples"]),
-                      str(c["rejected"]), reasons, f"{c['tokens']:,}", f"{c['target_tokens']:,}",
+                      str(c["rejected"]), f"{c['tokens']:,}", f"{c['target_tokens']:,}",
                       f"{c['image_tokens']:,}")
     table.add_row("[bold]total", "", "", f"[bold]{counts['samples']}", f"[bold]{counts['rejected']}",
-                  "", f"[bold]{counts['tokens']:,}", "", "")
+                  f"[bold]{counts['tokens']:,}", "", "")
     console.print(table)
-    console.print(f"shards {counts['shards']}  ·  template {info['recipe']['template']}  ·  "
-                  f"tokenizer {info['tokenizer']['digest'][:12]}  ·  mixture digest "
-                  f"[bold]{mixture.digest[:16]}[/]", highlight=False)
+    for name, c in counts["by_source"].items():
+        if c["rejected_by_reason"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items())
+            console.print(f"  rejected from {name}: {reasons}", highlight=False)
+    console.print(f"shards {counts['shards']} · template {info['recipe']['template']} · tokenizer "
+                  f"{info['tokenizer']['digest'][:12]} · digest [bold]{mixture.digest[:16]}[/]",
+                  highlight=False)
 
 
 @data_app.command("build")

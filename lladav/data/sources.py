@@ -162,9 +162,9 @@ def _json_array_spans(uri: str) -> Iterator[tuple[int, int, Any, str | None]]:
     with storage.open_read(uri) as f:
         buf, pos, base, eof = "", 0, 0, False  # base: byte offset of buf[0]
 
-        def more() -> bool:
+        def more(at_least: int = 0) -> bool:
             nonlocal buf, eof
-            chunk = f.read(_CHUNK)
+            chunk = f.read(max(_CHUNK, at_least))
             eof = not chunk
             buf += text_decoder.decode(chunk, final=eof)
             return not eof
@@ -202,8 +202,9 @@ def _json_array_spans(uri: str) -> Iterator[tuple[int, int, Any, str | None]]:
                     obj, end = decoder.raw_decode(buf, pos)
                     break
                 except json.JSONDecodeError as e:
-                    incomplete = e.pos >= len(buf) - 1 or e.msg.startswith("Unterminated")
-                    if incomplete and not eof and len(buf) - pos < _MAX_ELEMENT and more():
+                    # Any error may just mean the element continues past the buffer (even mid
+                    # `\u` escape): read more, doubling, until EOF or the element is too big.
+                    if not eof and len(buf) - pos < _MAX_ELEMENT and more(len(buf) - pos):
                         continue
                     yield byte_at(pos), 0, None, f"byte {byte_at(e.pos)}: {e.msg}; the rest of the file was not read"
                     return

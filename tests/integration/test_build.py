@@ -32,7 +32,7 @@ def _files(uri: str) -> dict[str, bytes]:
     return {u[len(uri):].lstrip("/"): storage.read_bytes(u) for u in storage.list_uris(uri)}
 
 
-def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path, **extra) -> Path:
+def _recipe(tmp_path: Path, corpus: Path, tokenizer: Path | str, **extra) -> Path:
     data = {"name": "qa", "tokenizer": str(tokenizer), "max_length": 512, "samples_per_shard": 16,
             "seed": 3, "vision": {"tile_size": 32, "patch_size": 8, "max_grid": 2},
             "sources": [{"name": "qa", "kind": "llava_json", "location": str(corpus / "qa.json")},
@@ -305,3 +305,32 @@ def test_killed_build_leaves_no_mixture_and_rerun_equals_clean_build(tmp_path, b
     a, b = _files(resumed.uri), _files(clean.uri)
     assert sorted(a) == sorted(b)
     assert all(a[n] == b[n] for n in a)
+
+
+def test_corpora_and_tokenizer_on_s3_read_like_local_ones(tmp_path, synth_dir, s3_bucket):
+    """All three readers, the image root and the tokenizer folder, read through S3."""
+    root = tmp_path / "corpus"
+    make_bad_corpus(root)
+    for folder, prefix in ((root, "corpus"), (synth_dir / "tokenizer", "tokenizer")):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                storage.write_file(f"{s3_bucket}/{prefix}/{f.relative_to(folder)}", f)
+
+    def recipe(base: str, tok: str):
+        return load_recipe(_recipe(tmp_path, root, tok,
+                                   images={"max_pixels": 10_000_000},
+                                   sources=[{"name": "jsonl", "kind": "llava_json", "location": f"{base}/records.jsonl"},
+                                            {"name": "tars", "kind": "webdataset", "location": f"{base}/captions.tar"},
+                                            {"name": "ov", "kind": "parquet", "location": f"{base}/ov.parquet"}]))
+
+    local = build(recipe(str(root), str(synth_dir / "tokenizer")), str(tmp_path / "local"))
+    remote = build(recipe(f"{s3_bucket}/corpus", f"{s3_bucket}/tokenizer"), f"{s3_bucket}/mix")
+
+    def outcome(m):
+        return ({(r["source_id"], r["reason"]) for r in m.rejects().to_pylist()},
+                sorted((r["source_id"], r["n_tokens"], r["text_sha256"], tuple(r["image_sha256"]))
+                       for r in m.manifest().to_pylist()))
+
+    assert outcome(local) == outcome(remote)
+    assert remote.info["tokenizer"]["digest"] == local.info["tokenizer"]["digest"]
+    assert all(r["location"].startswith(s3_bucket) for r in remote.manifest().to_pylist())
