@@ -3,8 +3,8 @@
 Owns: decoding and validating encoded images (format, truncation, decompression bombs, minimum
 side, size on disk) and the anyres rules that fix an image's feature-token count from its size
 alone (lladav_reference.md "Images"; digest §1.7 has the worked examples these functions are
-tested against). Does not own: pixel tensors for the tower (the model's processor, issue 3) or
-reading bytes from storage.
+tested against), and the normalised pixel tiles the vision tower sees. Does not own: reading
+bytes from storage, or assembling the tower's features (model/lladav.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageFile
 
 from lladav.config import ImageLimits, VisionGeometry
@@ -95,29 +96,48 @@ def select_best_resolution(width: int, height: int,
     return best
 
 
-def anyres_feature_shape(width: int, height: int, geometry: VisionGeometry) -> tuple[int, int, int, int]:
-    """(grid_w, grid_h, rows, cols) of an image's anyres feature map after unpadding and the cap.
+@dataclass(frozen=True)
+class AnyresLayout:
+    """Where an image's anyres features come from and how many survive.
 
-    The tiles' features form a (g*grid_h, g*grid_w) map (g = patches per tile side); the rows or
-    columns that only saw letterbox padding are removed, then the map is shrunk when it exceeds
-    `max_tiles_area` tiles' worth by more than 10%.
+    The grid_w x grid_h tiles form a (g*grid_h, g*grid_w) feature map (g patches per tile side).
+    Rows [top, bottom) and columns [left, right) saw image, the rest only letterbox padding; the
+    kept map is then resized to rows x cols when it exceeds `max_tiles_area` tiles by > 10%.
     """
+
+    grid_w: int
+    grid_h: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    rows: int
+    cols: int
+
+
+def anyres_layout(width: int, height: int, geometry: VisionGeometry) -> AnyresLayout:
     g = geometry.patches_per_side
     cw, ch = select_best_resolution(width, height, grid_pinpoints(geometry))
     grid_w, grid_h = cw // geometry.tile_size, ch // geometry.tile_size
     rows, cols = g * grid_h, g * grid_w
+    top, bottom, left, right = 0, rows, 0, cols
     if width / height > cols / rows:       # padding was added above and below
-        new_rows = int(height * (cols / width))
-        pad = (rows - new_rows) // 2
-        rows -= 2 * pad
+        pad = (rows - int(height * (cols / width))) // 2
+        top, bottom = pad, rows - pad
     else:                                   # padding was added left and right
-        new_cols = int(width * (rows / height))
-        pad = (cols - new_cols) // 2
-        cols -= 2 * pad
+        pad = (cols - int(width * (rows / height))) // 2
+        left, right = pad, cols - pad
+    rows, cols = bottom - top, right - left
     times = math.sqrt(rows * cols / (geometry.max_tiles_area * g * g))
     if times > 1.1:
         rows, cols = int(rows // times), int(cols // times)
-    return grid_w, grid_h, rows, cols
+    return AnyresLayout(grid_w, grid_h, top, bottom, left, right, rows, cols)
+
+
+def anyres_feature_shape(width: int, height: int, geometry: VisionGeometry) -> tuple[int, int, int, int]:
+    """(grid_w, grid_h, rows, cols) of an image's final anyres feature map."""
+    lay = anyres_layout(width, height, geometry)
+    return lay.grid_w, lay.grid_h, lay.rows, lay.cols
 
 
 def image_token_count(width: int, height: int, geometry: VisionGeometry, aspect: str,
@@ -135,3 +155,42 @@ def image_token_count(width: int, height: int, geometry: VisionGeometry, aspect:
         return g * g + 1
     _, _, rows, cols = anyres_feature_shape(width, height, geometry)
     return g * g + rows * (cols + 1)
+
+
+# ---- pixels for the vision tower ---------------------------------------------------------------
+
+def _to_array(img: Image.Image) -> "np.ndarray":
+    """(3, T, T) float32 normalised as SigLIP expects: x / 255, then mean = std = 0.5."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return ((arr - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def image_tiles(img: Image.Image, geometry: VisionGeometry, aspect: str,
+                n_images_in_sample: int = 1) -> "np.ndarray":
+    """The tiles the tower sees for one image: (n_tiles, 3, T, T) float32, base view first.
+
+    square: one squashed view.  Several images in a sample: padded to a square with the mean
+    colour (127,127,127), one view.  anyres: the squashed base view, then the best grid's tiles,
+    row-major, cut from the image resized to fit the canvas and centred on black (LLaVA's
+    resize_and_pad_image; Pillow's default BICUBIC resampling).
+    """
+    t = geometry.tile_size
+    img = img.convert("RGB")
+    if aspect == "square":
+        return np.stack([_to_array(img.resize((t, t), Image.BICUBIC))])
+    if n_images_in_sample > 1:
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), (127, 127, 127))
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        return np.stack([_to_array(canvas.resize((t, t), Image.BICUBIC))])
+    width, height = img.size
+    cw, ch = select_best_resolution(width, height, grid_pinpoints(geometry))
+    if cw / width < ch / height:
+        new_w, new_h = cw, min(math.ceil(height * cw / width), ch)
+    else:
+        new_w, new_h = min(math.ceil(width * ch / height), cw), ch
+    canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
+    canvas.paste(img.resize((new_w, new_h), Image.BICUBIC), ((cw - new_w) // 2, (ch - new_h) // 2))
+    tiles = [img.resize((t, t), Image.BICUBIC)]
+    tiles += [canvas.crop((x, y, x + t, y + t)) for y in range(0, ch, t) for x in range(0, cw, t)]
+    return np.stack([_to_array(tile) for tile in tiles])
