@@ -1,0 +1,439 @@
+"""The training loader: a committed mixture -> per-rank batches, resumable to the exact batch.
+
+Stages, each a function below:
+    order   epoch_order: the manifest's keys sorted by sha256(seed, "epoch", epoch, key), a pure
+            function of (keys, seed, epoch); world size and worker count never enter it
+    batch   epoch_batches: the order cut into micro-batches of `batch_size` (optionally grouped
+            by length, below), then one short tail batch if the count does not divide
+    split   rank_batches: global batch g goes to rank g % world_size; worker_positions: a rank's
+            DataLoader worker w decodes its remaining positions start+w, start+w+nw, ... (counted
+            from the resume point, so torch's round-robin hands them over in order)
+    read    before an epoch's first batch, every shard it touches is verified once per loader
+            against its mixture.json sha256 (S3 shards are downloaded into the cache folder as
+            <sha256>.tar), and its tar members indexed once; samples are read by offset
+    decode  ids/targets .npy and images -> tiles (data/images.image_tiles) -> collate
+
+Why a global sample order read by random access: every world size and worker count sees the same
+micro-batch sequence, and resume is (epoch, position) rather than offsets into shard streams.
+Why round-robin: a global step takes batches g..g+world_size-1 from one stretch of the order.
+
+drop_last (default True) keeps the first floor(n_full / world_size) * world_size full batches,
+so every rank gets the same count (ZeRO-3 ranks step together); which samples fall off changes
+every epoch. drop_last=False keeps every batch, the tail too; rank counts may then differ by one.
+
+Length grouping: the full batches' part of the order is cut into windows of batch_size *
+group_window samples (not scaled by world size, so the batch sequence stays independent of it);
+each window is sorted by manifest n_tokens (ties by key) and cut into batches, which are then
+put in seeded-hash order within the window so the long ones are not all last. No sample moves
+out of its window. Padding fraction over spliced lengths (text + image tokens): 4096 log-normal
+stage-2-like lengths, batch 8, window 32: 0.51 -> 0.04 (tests/unit/test_loader_order.py); the
+synthetic mixture of tests/integration/test_loader.py (99 samples), batch 4, window 4: 0.13 -> 0.07.
+
+Resume: state_dict() = identity + {epoch, position}; position is this rank's next batch in the
+epoch (global index position * world_size + rank). It advances when a batch is handed to the
+consumer, never when a worker prefetches one; in lockstep every rank holds the same state.
+
+Owns: order, split, shard verification and caching, decoding, tiling and collation. Does not
+own: splicing image features or the spliced labels (model/lladav.py, train/step.py), or what a
+shard holds (data/build.py). Never substitutes a sample: a bad shard is an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from lladav import storage
+from lladav.config import VisionGeometry
+from lladav.data import manifest as mf
+from lladav.data.conversation import IMAGE_PLACEHOLDER_ID
+from lladav.data.images import image_tiles
+from lladav.digest import hash_key, sha256_bytes, sha256_file
+
+STATE_FORMAT = "lladav.loader/1"
+DOWNLOAD_THREADS = 8  # concurrent shard downloads/hashes; I/O bound, hashlib releases the GIL
+
+
+class ShardError(RuntimeError):
+    """A committed shard is missing, unreadable or not the bytes mixture.json names."""
+
+
+# ---- order and split: pure functions of the manifest ------------------------------------------
+
+def epoch_order(keys: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """Indices into `keys` in this epoch's order: sorted by sha256(seed, "epoch", epoch, key)."""
+    return sorted(range(len(keys)), key=lambda i: hash_key(seed, "epoch", epoch, keys[i]))
+
+
+def epoch_batches(keys: Sequence[str], n_tokens: Sequence[int], seed: int, epoch: int,
+                  batch_size: int, group_window: int = 0) -> list[list[int]]:
+    """The epoch's micro-batches (indices into `keys`); group_window > 0 groups by length."""
+    order = epoch_order(keys, seed, epoch)
+    n_full = len(order) // batch_size * batch_size
+    body, tail = order[:n_full], order[n_full:]
+    window = batch_size * group_window if group_window > 0 else n_full
+    batches: list[list[int]] = []
+    for w, start in enumerate(range(0, n_full, max(window, 1))):
+        part = body[start:start + window]
+        if group_window > 0:
+            part = sorted(part, key=lambda i: (n_tokens[i], keys[i]))
+        cut = [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+        if group_window > 0:
+            cut.sort(key=lambda b: hash_key(seed, "window", epoch, w, keys[b[0]]))
+        batches += cut
+    return batches + ([tail] if tail else [])
+
+
+def rank_batches(batches: Sequence[Sequence[int]], batch_size: int, rank: int, world_size: int,
+                 drop_last: bool = True) -> list[int]:
+    """Global batch indices of `rank`: g % world_size == rank (see drop_last in the module doc)."""
+    n = len(batches)
+    if drop_last:
+        n_full = sum(len(b) == batch_size for b in batches)
+        n = n_full // world_size * world_size
+    return list(range(rank, n, world_size))
+
+
+def worker_positions(n_rank_batches: int, start: int, worker: int, num_workers: int) -> list[int]:
+    """This worker's positions in the rank's batch list, from `start` on.
+
+    Counted from `start`, not from 0, so the DataLoader's round-robin over workers hands batches
+    over in position order after a resume too; which worker decodes a batch never changes it.
+    """
+    return list(range(start + worker, n_rank_batches, max(num_workers, 1)))
+
+
+def padding_fraction(batches: Sequence[Sequence[int]], n_tokens: Sequence[int]) -> float:
+    """Pad tokens / all tokens when each batch is padded to its longest spliced length."""
+    pad = total = 0
+    for b in batches:
+        longest = max(n_tokens[i] for i in b)
+        pad += sum(longest - n_tokens[i] for i in b)
+        total += longest * len(b)
+    return pad / total if total else 0.0
+
+
+# ---- read: verified shards, random access by tar offsets --------------------------------------
+
+@dataclass(frozen=True)
+class _Shard:
+    uri: str
+    sha256: str
+    path: str                                          # local, verified
+    members: dict[str, dict[str, tuple[int, int]]]     # key -> {suffix: (offset, size)}
+
+    def error(self, what: str) -> ShardError:
+        return ShardError(f"shard {self.uri} (sha256 {self.sha256}): {what}")
+
+
+def _local_copy(uri: str, sha256: str, cache_dir: str) -> str:
+    """A verified local file with the shard's bytes: the shard itself, or a cached download."""
+    named = f"shard {uri} (sha256 {sha256})"
+    try:
+        if not storage.is_s3(uri):
+            path, actual = uri.removeprefix("file://"), sha256_file(uri.removeprefix("file://"))
+        else:
+            path = os.path.join(cache_dir, f"{sha256}.tar")   # content-addressed: shared safely
+            if os.path.exists(path) and sha256_file(path) == sha256:
+                return path
+            tmp, h = f"{path}.tmp-{uuid.uuid4().hex}", hashlib.sha256()
+            with storage.open_read(uri) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+                    dst.write(chunk)
+            actual = h.hexdigest()
+            if actual == sha256:
+                os.replace(tmp, path)
+            else:
+                os.remove(tmp)
+    except (OSError, storage.StorageError) as e:
+        raise ShardError(f"{named}: unreadable: {e}") from e
+    if actual != sha256:
+        raise ShardError(f"{named}: its bytes have sha256 {actual}; the mixture is damaged "
+                         "(restore the shard or rebuild the mixture; no sample is substituted)")
+    return path
+
+
+def _open_shard(uri: str, sha256: str, cache_dir: str) -> _Shard:
+    path = _local_copy(uri, sha256, cache_dir)
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    key, _, suffix = m.name.partition(".")
+                    members.setdefault(key, {})[suffix] = (m.offset_data, m.size)
+    except (OSError, tarfile.TarError) as e:
+        raise ShardError(f"shard {uri} (sha256 {sha256}): not a readable tar: {e}") from e
+    return _Shard(uri, sha256, path, members)
+
+
+# ---- decode, tile, batch ----------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One rank's micro-batch. ids/targets are text-level (images are spliced by the model)."""
+
+    ids: torch.Tensor                          # (B, L) long, right-padded with EOS
+    targets: torch.Tensor                      # (B, L) bool, True at pads (pads are targets)
+    images: list[list[torch.Tensor]]           # per sample, per image: (n_tiles, 3, T, T) float32
+    image_sizes: list[list[tuple[int, int]]]   # per sample, per image: (W, H)
+    keys: list[str]
+    n_tokens: list[int]                        # spliced lengths (text + image tokens), manifest
+    epoch: int
+    index: int                                 # global batch index in the epoch
+    position: int                              # this rank's batch position in the epoch
+
+    @property
+    def padding_fraction(self) -> float:
+        longest = max(self.n_tokens)
+        return sum(longest - n for n in self.n_tokens) / (longest * len(self.n_tokens))
+
+
+@dataclass(frozen=True)
+class _Planned:
+    epoch: int
+    index: int
+    position: int
+    samples: tuple[tuple[str, str, int, int], ...]   # (key, shard name, n_tokens, n_images)
+
+
+_Decoded = tuple[np.ndarray, np.ndarray, list[torch.Tensor], list[tuple[int, int]]]
+
+
+def _decode(shard: _Shard, key: str, n_images: int, geometry: VisionGeometry,
+            aspect: str) -> _Decoded:
+    """One sample's ids, targets, image tiles and image sizes, read by tar member offsets."""
+    members = shard.members.get(key)
+    if members is None:
+        raise shard.error(f"sample {key} is not in the shard")
+    try:
+        fd = os.open(shard.path, os.O_RDONLY)  # one per sample: thousands of shards, few fds
+
+        def read(suffix: str) -> bytes:
+            offset, size = members[suffix]
+            return os.pread(fd, size, offset)
+
+        try:
+            ids = np.load(io.BytesIO(read("ids.npy")), allow_pickle=False)
+            targets = np.load(io.BytesIO(read("targets.npy")), allow_pickle=False)
+            names = sorted((s for s in members if s.startswith("img")),
+                           key=lambda s: int(s[3:].partition(".")[0]))
+            blobs = [read(s) for s in names]
+        finally:
+            os.close(fd)
+        pictures = [Image.open(io.BytesIO(b)) for b in blobs]
+        tiles = [torch.from_numpy(image_tiles(p, geometry, aspect, len(pictures)))
+                 for p in pictures]
+    except Exception as e:  # numpy, PIL, OSError and KeyError all mean: this sample is unreadable
+        raise shard.error(f"sample {key} is unreadable: {type(e).__name__}: {e}") from e
+    n_slots = int((ids == IMAGE_PLACEHOLDER_ID).sum())
+    if ids.shape != targets.shape or len(pictures) != n_images or n_slots != n_images:
+        raise shard.error(f"sample {key}: {ids.shape} ids, {targets.shape} targets, "
+                          f"{len(pictures)} images, {n_slots} placeholders, manifest {n_images}")
+    return ids, targets, tiles, [p.size for p in pictures]
+
+
+def _collate(samples: list[_Decoded], eos_id: int, planned: _Planned) -> Batch:
+    """Right-pad ids with EOS and targets with True to the batch's longest text length."""
+    length = max(len(s[0]) for s in samples)
+    ids = torch.full((len(samples), length), eos_id, dtype=torch.long)
+    targets = torch.ones((len(samples), length), dtype=torch.bool)
+    for row, (sample_ids, sample_targets, _, _) in enumerate(samples):
+        ids[row, :len(sample_ids)] = torch.from_numpy(sample_ids.astype(np.int64))
+        targets[row, :len(sample_targets)] = torch.from_numpy(sample_targets.astype(bool))
+    return Batch(ids, targets, [s[2] for s in samples], [s[3] for s in samples],
+                 [k for k, _, _, _ in planned.samples], [n for _, _, n, _ in planned.samples],
+                 planned.epoch, planned.index, planned.position)
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """A rank's remaining batches of one epoch; in a DataLoader each worker takes its share."""
+
+    def __init__(self, plan: list[_Planned], start: int, shards: dict[str, _Shard], eos_id: int,
+                 geometry: VisionGeometry, aspect: str, num_workers: int):
+        self.plan, self.start, self.shards, self.eos_id = plan, start, shards, eos_id
+        self.geometry, self.aspect, self.num_workers = geometry, aspect, num_workers
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        for pos in worker_positions(len(self.plan), self.start, worker, self.num_workers):
+            planned = self.plan[pos]
+            samples = [_decode(self.shards[shard], key, n_images, self.geometry, self.aspect)
+                       for key, shard, _, n_images in planned.samples]
+            yield _collate(samples, self.eos_id, planned)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+# ---- the loader -------------------------------------------------------------------------------
+
+def _mixture_geometry(info: dict) -> tuple[VisionGeometry, str]:
+    recipe = info["recipe"]
+    geometry = VisionGeometry(**recipe["vision"])
+    default = "square" if recipe.get("template") == "llada_plain" else "anyres_max_4"
+    return geometry, geometry.image_aspect or default
+
+
+class MixtureLoader:
+    """Batches of one rank over a committed mixture; iterate once per epoch, resume by state.
+
+    `for batch in loader` yields the rest of the current epoch and then moves to the next
+    epoch, so `for epoch in range(n): for batch in loader: ...` trains n epochs; `loader.epoch`
+    says where it stands. Stop anywhere, save `state_dict()`, and a new loader given
+    `load_state_dict(state)` continues with exactly the batch that would have come next.
+    """
+
+    def __init__(self, mixture_uri: str, *, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, seed: int = 0, geometry: VisionGeometry | None = None,
+                 aspect: str | None = None, group_by_length: bool = False, group_window: int = 32,
+                 drop_last: bool = True, cache_dir: str | None = None, prefetch_factor: int = 2):
+        if not (0 <= rank < world_size) or min(batch_size, group_window) < 1 or num_workers < 0:
+            raise ValueError(f"need 0 <= rank={rank} < world_size={world_size}, batch_size="
+                             f"{batch_size} >= 1, group_window={group_window} >= 1, num_workers="
+                             f"{num_workers} >= 0")
+        self.mixture = mf.open_mixture(mixture_uri)
+        info = self.mixture.info
+        built_geometry, built_aspect = _mixture_geometry(info)
+        self.geometry = geometry or built_geometry
+        self.aspect = aspect or (geometry.image_aspect if geometry else None) or built_aspect
+        if (self.geometry.model_dump(exclude={"image_aspect"}) !=
+                built_geometry.model_dump(exclude={"image_aspect"})) or self.aspect != built_aspect:
+            raise ValueError(f"{mixture_uri}: built for {built_geometry!r}, aspect {built_aspect!r}"
+                             f", but asked for {self.geometry!r}, aspect {self.aspect!r}; the "
+                             "manifest's token counts hold only for the former (rebuild it)")
+        raw = storage.read_bytes(storage.join(mixture_uri, mf.MANIFEST))
+        if sha256_bytes(raw) != info["manifest"]["sha256"]:
+            raise ShardError(f"{mixture_uri}/{mf.MANIFEST}: sha256 differs from mixture.json's "
+                             f"{info['manifest']['sha256']}; the mixture is damaged")
+        manifest = pq.read_table(io.BytesIO(raw),
+                                 columns=["key", "shard", "n_tokens", "image_widths"])
+        self.keys: list[str] = manifest["key"].to_pylist()
+        self.shard_of: list[str] = manifest["shard"].to_pylist()
+        self.n_tokens: list[int] = manifest["n_tokens"].to_pylist()
+        self.n_images = [len(w) for w in manifest["image_widths"].to_pylist()]
+        self.eos_id = int(info["tokenizer"]["special_ids"]["eos"])
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed, self.prefetch_factor = num_workers, seed, prefetch_factor
+        self.group_window = group_window if group_by_length else 0
+        self.drop_last = drop_last
+        self._shard_info = {s["name"]: s["sha256"] for s in info["shards"]}
+        self._shards: dict[str, _Shard] = {}
+        self._cache_dir = cache_dir
+        self._epoch, self._position = 0, 0
+        self._plans: dict[int, tuple[list[list[int]], list[_Planned]]] = {}
+        if len(self) == 0:
+            raise ValueError(f"{mixture_uri}: {len(self.keys)} samples give rank {rank} no batch "
+                             f"of {batch_size} with world_size {world_size} (drop_last="
+                             f"{drop_last}); use a smaller batch or fewer ranks")
+
+    # -- plan --------------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> tuple[list[list[int]], list[_Planned]]:
+        if epoch not in self._plans:
+            batches = epoch_batches(self.keys, self.n_tokens, self.seed, epoch, self.batch_size,
+                                    self.group_window)
+            mine = rank_batches(batches, self.batch_size, self.rank, self.world_size,
+                                self.drop_last)
+            plan = [_Planned(epoch, g, pos, tuple((self.keys[i], self.shard_of[i],
+                                                   self.n_tokens[i], self.n_images[i])
+                                                  for i in batches[g]))
+                    for pos, g in enumerate(mine)]
+            self._plans = {epoch: (batches, plan)}  # keep one epoch's plan in memory
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        """This rank's batches per epoch (the same every epoch)."""
+        return len(self._plan(self._epoch)[1])
+
+    def padding_fraction(self, epoch: int | None = None) -> float:
+        """Pad fraction over spliced lengths of all of an epoch's global batches."""
+        return padding_fraction(self._plan(self._epoch if epoch is None else epoch)[0],
+                                self.n_tokens)
+
+    # -- read --------------------------------------------------------------------------------
+    def _prepare(self, names: set[str]) -> None:
+        """Verify (and download from S3) every shard in `names` not yet verified by this loader."""
+        todo = sorted(names - set(self._shards))
+        if not todo:
+            return
+        if self._cache_dir is None:
+            self._cache_dir = tempfile.mkdtemp(prefix="lladav-shards-")
+            weakref.finalize(self, _remove_tree, self._cache_dir, os.getpid())
+        os.makedirs(self._cache_dir, exist_ok=True)
+
+        def one(name: str) -> _Shard:
+            return _open_shard(storage.join(self.mixture.uri, name), self._shard_info[name],
+                               self._cache_dir)
+
+        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(todo))) as pool:
+            for name, shard in zip(todo, pool.map(one, todo)):
+                self._shards[name] = shard
+
+    # -- iterate and resume -------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self._epoch, self._position
+        plan = self._plan(epoch)[1]
+        self._prepare({shard for p in plan[start:] for _, shard, _, _ in p.samples})
+        stream = _EpochStream(plan, start, self._shards, self.eos_id, self.geometry, self.aspect,
+                              self.num_workers)
+        source: Iterator[Batch] = iter(stream)
+        if self.num_workers > 0:
+            source = iter(torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                prefetch_factor=self.prefetch_factor))
+        try:
+            for batch in source:
+                if (batch.epoch, batch.position) != (self._epoch, self._position):
+                    raise RuntimeError(f"loader out of order: got batch {batch.position} of epoch "
+                                       f"{batch.epoch}, expected {self._position} of {self._epoch}")
+                self._position += 1                 # counted when handed over, not prefetched
+                if self._position == len(plan):
+                    self._epoch, self._position = epoch + 1, 0
+                yield batch
+        finally:
+            del source  # shuts DataLoader workers down when the consumer stops early
+
+    def _identity(self) -> dict:
+        return {"format": STATE_FORMAT, "mixture": self.mixture.digest, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size,
+                "group_window": self.group_window, "drop_last": self.drop_last}
+
+    def state_dict(self) -> dict:
+        """JSON-able: where the next batch comes from, plus what must match to resume."""
+        return {**self._identity(), "epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        wrong = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if wrong:
+            raise ValueError("loader state does not match this loader (saved, current): "
+                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in wrong.items()))
+        if not 0 <= state["position"] < len(self):
+            raise ValueError(f"loader state: position {state['position']} outside "
+                             f"0..{len(self) - 1}")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+
+def _remove_tree(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked DataLoader worker
+        shutil.rmtree(path, ignore_errors=True)

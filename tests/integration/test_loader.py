@@ -1,0 +1,214 @@
+"""The training loader over a real built mixture: decoding, exact resume, corruption, S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lladav.config import VisionGeometry, load_recipe
+from lladav.data.build import build
+from lladav.data.images import grid_pinpoints, image_tiles, select_best_resolution
+from lladav.data.loader import MixtureLoader, ShardError
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+GEOMETRY = VisionGeometry(tile_size=32, patch_size=8, max_grid=2)
+SIZES = [(48, 48), (90, 40), (30, 100), (64, 33), (120, 120), (40, 70)]
+
+
+def _recipe(tmp: Path, synth: Path) -> Path:
+    """The synthetic qa + captions corpora plus a few images of other sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (w, h) in enumerate(SIZES):
+        pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp / f"odd-{i}.png")
+        records.append({"id": f"odd-{i}", "image": f"odd-{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\nHow wide is picture {i}?"},
+            {"from": "gpt", "value": f"It is {w} pixels wide and {h} high." * (i + 1)}]})
+    (tmp / "odd.json").write_text(json.dumps(records))
+    corpus = synth / "corpus"
+    data = {"name": "loader", "tokenizer": str(synth / "tokenizer"), "max_length": 512,
+            "samples_per_shard": 16, "seed": 3, "vision": GEOMETRY.model_dump(exclude_none=True),
+            "sources": [{"name": "qa", "kind": "llava_json", "location": str(corpus / "qa.json")},
+                        {"name": "captions", "kind": "llava_json", "weight": 0.5,
+                         "location": str(corpus / "captions.json")},
+                        {"name": "odd", "kind": "llava_json", "location": str(tmp / "odd.json")}]}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory, synth_dir) -> Path:
+    return _recipe(tmp_path_factory.mktemp("loader_corpus"), synth_dir)
+
+
+@pytest.fixture(scope="module")
+def mixture_uri(tmp_path_factory, recipe_path, ray_cluster) -> str:
+    out = tmp_path_factory.mktemp("loader_mix") / "mix"
+    mixture = build(load_recipe(recipe_path), str(out), num_workers=2)
+    assert mixture.info["counts"]["shards"] >= 5
+    return str(out)
+
+
+def _loader(uri: str, **kwargs) -> MixtureLoader:
+    args = {"batch_size": 4, "rank": 0, "world_size": 1, "num_workers": 0, "seed": 11}
+    return MixtureLoader(uri, **{**args, **kwargs})
+
+
+def _raw_samples(uri: str) -> dict[str, dict[str, bytes]]:
+    """Every sample's members, read with plain tarfile (independent of the loader's index)."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(uri, "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, _, suffix = m.name.partition(".")
+                out.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+    return out
+
+
+def test_batches_decode_pad_with_eos_and_tile_every_image(mixture_uri):
+    loader = _loader(mixture_uri)
+    raw = _raw_samples(mixture_uri)
+    eos = loader.mixture.info["tokenizer"]["special_ids"]["eos"]
+    manifest = {r["key"]: r for r in loader.mixture.manifest().to_pylist()}
+    sizes_seen, padded_rows, n = set(), 0, 0
+    for batch in loader:
+        n += 1
+        b, length = batch.ids.shape
+        assert batch.ids.dtype == torch.long and batch.targets.dtype == torch.bool
+        assert batch.targets.shape == (b, length) and b == len(batch.keys) == 4
+        assert batch.n_tokens == [manifest[k]["n_tokens"] for k in batch.keys]
+        for row, key in enumerate(batch.keys):
+            ids = np.load(io.BytesIO(raw[key]["ids.npy"]))
+            targets = np.load(io.BytesIO(raw[key]["targets.npy"]))
+            own = len(ids)
+            assert batch.ids[row, :own].tolist() == ids.tolist()
+            assert batch.targets[row, :own].tolist() == targets.astype(bool).tolist()
+            assert (batch.ids[row, own:] == eos).all() and batch.targets[row, own:].all()
+            padded_rows += own < length
+            names = sorted(s for s in raw[key] if s.startswith("img"))
+            assert len(batch.images[row]) == len(names) == len(manifest[key]["image_widths"])
+            for tiles, size, name in zip(batch.images[row], batch.image_sizes[row], names):
+                picture = Image.open(io.BytesIO(raw[key][name]))
+                assert size == picture.size
+                assert size == (manifest[key]["image_widths"][0], manifest[key]["image_heights"][0])
+                canvas_w, canvas_h = select_best_resolution(*size, grid_pinpoints(GEOMETRY))
+                assert tiles.shape == (1 + (canvas_w // 32) * (canvas_h // 32), 3, 32, 32)
+                assert tiles.dtype == torch.float32
+                assert torch.equal(tiles, torch.from_numpy(
+                    image_tiles(picture, GEOMETRY, "anyres_max_4", 1)))
+                sizes_seen.add(size)
+        longest = max(batch.n_tokens)
+        assert batch.padding_fraction == pytest.approx(
+            sum(longest - t for t in batch.n_tokens) / (4 * longest))
+    assert n == len(loader) == len(raw) // 4
+    assert padded_rows > 0 and len(sizes_seen) >= 4  # padding and several tile grids exercised
+    assert loader.epoch == 1
+
+
+def test_length_grouping_pads_less_on_the_built_mixture(mixture_uri):
+    plain = [_loader(mixture_uri).padding_fraction(e) for e in range(3)]
+    grouped = [_loader(mixture_uri, group_by_length=True, group_window=4).padding_fraction(e)
+               for e in range(3)]
+    print(f"padding fraction, batch 4: {sum(plain) / 3:.3f} plain, {sum(grouped) / 3:.3f} grouped")
+    assert all(g < p for g, p in zip(grouped, plain))
+
+
+def _keys(loader: MixtureLoader, until_epoch: int, limit: int | None = None) -> list[list[str]]:
+    out: list[list[str]] = []
+    while loader.epoch < until_epoch:
+        for batch in loader:
+            out.append(batch.keys)
+            if limit is not None and len(out) == limit:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("world_size,num_workers,group", [(1, 0, False), (2, 0, True),
+                                                          (2, 2, False), (3, 1, True)])
+def test_stop_save_and_resume_gives_exactly_the_rest_of_the_stream(mixture_uri, world_size,
+                                                                   num_workers, group):
+    kwargs = {"world_size": world_size, "num_workers": num_workers, "group_by_length": group,
+              "group_window": 2}
+    epoch_keys: list[list[str]] = [[], []]
+    for rank in range(world_size):
+        full = _loader(mixture_uri, rank=rank, **kwargs)
+        per_epoch = len(full)
+        stream_a = _keys(full, until_epoch=2)
+        assert len(stream_a) == 2 * per_epoch
+        for e in range(2):
+            epoch_keys[e] += [k for b in stream_a[e * per_epoch:(e + 1) * per_epoch] for k in b]
+        for stop in (1 + rank, per_epoch + 1):  # mid-epoch, and just past the epoch boundary
+            first = _loader(mixture_uri, rank=rank, **kwargs)
+            head = _keys(first, until_epoch=2, limit=stop)
+            state = json.loads(json.dumps(first.state_dict()))
+            again = _loader(mixture_uri, rank=rank, **kwargs)
+            again.load_state_dict(state)
+            assert head + _keys(again, until_epoch=2) == stream_a, (rank, stop)
+    n = len(_loader(mixture_uri).keys)
+    steps = n // 4 // world_size
+    for keys in epoch_keys:
+        assert len(keys) == len(set(keys)) == steps * world_size * 4  # drop_last: whole steps
+    assert epoch_keys[0] != epoch_keys[1]
+
+
+def test_state_of_another_split_or_mixture_setup_is_refused(mixture_uri):
+    state = _loader(mixture_uri, world_size=2, rank=1).state_dict()
+    with pytest.raises(ValueError, match="world_size"):
+        _loader(mixture_uri).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        _loader(mixture_uri, world_size=2, seed=12).load_state_dict(state)
+    with pytest.raises(ValueError, match="built for"):
+        _loader(mixture_uri, geometry=VisionGeometry(tile_size=64, patch_size=8, max_grid=2))
+
+
+def test_a_corrupted_or_missing_shard_is_an_error_naming_it_and_its_digest(mixture_uri, tmp_path):
+    copy = tmp_path / "mix"
+    shutil.copytree(mixture_uri, copy)
+    shards = json.loads((copy / "mixture.json").read_text())["shards"]
+    victim = shards[2]
+    path = copy / victim["name"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as err:
+        next(iter(_loader(str(copy))))
+    assert str(path) in str(err.value) and victim["sha256"] in str(err.value)
+    path.unlink()
+    with pytest.raises(ShardError) as err:
+        next(iter(_loader(str(copy))))
+    assert str(path) in str(err.value) and victim["sha256"] in str(err.value)
+
+
+def test_an_s3_mixture_reads_like_the_local_one_through_a_verified_cache(
+        mixture_uri, recipe_path, s3_bucket, tmp_path):
+    remote = build(load_recipe(recipe_path), f"{s3_bucket}/mixtures/loader", num_workers=2)
+    cache = tmp_path / "cache"
+    for rank in range(2):
+        local = _loader(mixture_uri, rank=rank, world_size=2)
+        s3 = _loader(remote.uri, rank=rank, world_size=2, num_workers=1, cache_dir=str(cache))
+        a, b = list(local), list(s3)
+        assert [x.keys for x in a] == [x.keys for x in b] and len(a) == len(local) > 0
+        assert all(torch.equal(x.ids, y.ids) for x, y in zip(a, b))
+    digests = sorted(s["sha256"] for s in remote.info["shards"])
+    assert sorted(p.name for p in cache.iterdir()) == [f"{d}.tar" for d in digests]
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    next(iter(_loader(remote.uri, cache_dir=str(cache))))  # verified from the cache, not fetched
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    # A damaged cache file is not trusted: it is fetched again and verified.
+    victim = cache / f"{digests[0]}.tar"
+    victim.write_bytes(b"garbage")
+    next(iter(_loader(remote.uri, cache_dir=str(cache))))
+    assert os.path.getsize(victim) > 7
