@@ -146,5 +146,45 @@ def demo(num_workers: int = typer.Option(2, "--num-workers", min=1)) -> None:
             print_summary(mixture)
 
 
+@app.command("train")
+def train_cmd(
+    stage: Path = typer.Argument(..., help="Stage YAML (typed by lladav/config.py StageConfig)."),
+    run_name: str = typer.Option(None, "--run-name", help="Ray Train run name; the same name resumes its checkpoints."),
+) -> None:
+    """Run a training stage on Ray Train + DeepSpeed and publish its consolidated export."""
+    from lladav.config import load_stage
+    from lladav.train.launch import run_stage
+
+    with _known_errors():
+        result = run_stage(load_stage(stage), run_name=run_name)
+    console.print(f"export: [bold]{result.export_uri}[/]  (last checkpoint {result.checkpoint_path})")
+    console.print({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Option(..., "--model", help="Exported LLaDA-V folder or URI (model + tokenizer)."),
+    image: list[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
+    prompt: str = typer.Option(..., "--prompt", help="The question; <image> marks where images go."),
+    steps: int = typer.Option(32, "--steps"),
+    gen_length: int = typer.Option(32, "--gen-length"),
+    block_length: int = typer.Option(32, "--block-length"),
+    threshold: float = typer.Option(None, "--threshold", help="Confidence-threshold parallel decoding."),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the finished prefix's keys/values."),
+) -> None:
+    """Answer a question about images with an exported model; prints the answer."""
+    from PIL import Image
+
+    from lladav.inference import SamplerSettings, answer, load
+
+    net, tok = load(model)
+    settings = SamplerSettings(gen_length=gen_length, block_length=block_length, steps=steps,
+                               threshold=threshold, temperature=temperature,
+                               use_prefix_cache=prefix_cache)
+    result = answer(net, tok, [Image.open(p).convert("RGB") for p in image], prompt, settings)
+    print(result.text)
+
+
 if __name__ == "__main__":
     app()

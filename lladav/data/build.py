@@ -134,7 +134,8 @@ def plan(recipe: Recipe) -> Plan:
 # ---- per-record processing (shared by scan and write, so both see the same sample) -----------
 
 @lru_cache(maxsize=2)
-def _tokenizer(uri: str) -> ChatTokenizer:
+def load_tokenizer(uri: str) -> ChatTokenizer:
+    """The tokenizer folder at `uri` (local or s3://), loaded once per process."""
     if not storage.is_s3(uri):
         return ChatTokenizer.from_folder(uri)
     ctx = storage.local_folder(uri)   # kept open for the worker's lifetime (cached)
@@ -196,7 +197,7 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
 # ---- scan and write (Ray task bodies; plain functions so they also run in-process) ----------
 
 def scan_chunk(recipe: Recipe, entries: list[PlanEntry]) -> list[Scanned]:
-    tok, cache, out = _tokenizer(recipe.tokenizer), {}, []
+    tok, cache, out = load_tokenizer(recipe.tokenizer), {}, []
     for entry in entries:
         try:
             s = process(recipe, entry, tok, cache)
@@ -236,7 +237,7 @@ def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
     """Write one shard's tar (atomically), then its done-marker; return the marker."""
     import webdataset as wds
 
-    tok, cache, rows = _tokenizer(recipe.tokenizer), {}, []
+    tok, cache, rows = load_tokenizer(recipe.tokenizer), {}, []
     name = mf.shard_name(shard_index)
     samples = []
     for entry in entries:
@@ -425,7 +426,7 @@ def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], re
         "recipe_digest": digest_obj(recipe.identity()),
         "plan_digest": plan_digest,
         "tokenizer": {"uri": recipe.tokenizer, "digest": tokenizer_digest,
-                      "special_ids": _tokenizer(recipe.tokenizer).special_ids()},
+                      "special_ids": load_tokenizer(recipe.tokenizer).special_ids()},
         "counts": _counts(recipe, the_plan, rows, rejects, len(shards)),
         "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "samples")} for s in shards],
         "manifest": {"name": mf.MANIFEST, "sha256": sha256_bytes(manifest_bytes), "rows": len(rows)},
