@@ -203,3 +203,138 @@ def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
                for s in recipe.sources]
     return recipe.model_copy(update={"sources": sources, "tokenizer": fix(recipe.tokenizer),
                                      "output": fix(recipe.output)})
+
+
+# ---- stages (train/) -------------------------------------------------------------------------
+
+class StageInit(StrictModel):
+    """Where a stage's weights come from: a previous stage's export, or the base checkpoints, or
+    (demo and tests) a random initialisation of `flavor`."""
+
+    export: str | None = None
+    """A previous stage's exported LLaDA-V folder (folder or URI)."""
+    language_model: str | None = None
+    """LLaDA weights (official or LLaMA layout; folder or URI), with `vision_tower`."""
+    vision_tower: str | None = None
+    """SigLIP/SigLIP2 weights (Hugging Face folder or URI), with `language_model`."""
+    flavor: str | None = None
+    """Random initialisation of a named flavour (model/flavors.py), e.g. `tiny`."""
+    tokenizer: str | None = None
+    """Tokenizer folder/URI exported with the model (default: the mixture's tokenizer)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StageInit":
+        chosen = [bool(self.export), bool(self.language_model or self.vision_tower), bool(self.flavor)]
+        if sum(chosen) != 1:
+            raise ValueError("set exactly one of: export, language_model + vision_tower, flavor")
+        if (self.language_model is None) != (self.vision_tower is None):
+            raise ValueError("language_model and vision_tower go together")
+        return self
+
+
+class Trainable(StrictModel):
+    """Learning rate per component; a component left out (null) is frozen (train/stage.py)."""
+
+    vision_tower: float | None = Field(default=None, gt=0)
+    projector: float | None = Field(default=None, gt=0)
+    language_model: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _something(self) -> "Trainable":
+        if not any(v is not None for v in self.model_dump().values()):
+            raise ValueError("no component is trainable; give at least one a learning rate")
+        return self
+
+
+class Scaling(StrictModel):
+    """Ray Train's ScalingConfig for the stage (train/launch.py)."""
+
+    workers: int = Field(default=1, ge=1)
+    """Ray Train workers = data-parallel ranks."""
+    gpus_per_worker: int = Field(default=0, ge=0)
+    """0 runs on CPU (gloo backend)."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """Fractional values let several workers share a small machine."""
+    resources: dict[str, float] = {}
+    """Extra custom Ray resources per worker (e.g. a node label)."""
+
+
+class Checkpointing(StrictModel):
+    every_steps: int = Field(default=100, ge=1)
+    """Optimizer steps between checkpoints."""
+    keep: int = Field(default=2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    uri: str | None = None
+    """Ray Train storage path (local or s3://) for checkpoints; default: under `output`."""
+
+
+class StageConfig(StrictModel):
+    """One training stage: `lladav train STAGE.yaml`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Stage name (run names, lineage)."""
+    init: StageInit
+    """Initial weights."""
+    mixture: str
+    """URI of a committed mixture (lladav data build)."""
+    trainable: Trainable
+    """Learning rate per trained component (the paper: projector 1e-3 in stage 1; later 1e-5
+    with the vision tower at 2e-6)."""
+    image_aspect: Literal["anyres_max_4", "square"] | None = None
+    """Image handling; default: the mixture's."""
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    """Linear warm-up share of the steps, then cosine decay to 0."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (default: `epochs` over the mixture)."""
+    micro_batch: int = Field(default=1, ge=1)
+    """Samples per worker per forward pass."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_length: int = Field(default=8192, ge=8)
+    """Longest spliced sequence accepted (the mixture already refused longer samples)."""
+    group_by_length: bool = False
+    """Group micro-batches by length to limit padding (the paper: stages 2-3)."""
+    gradient_clipping: float = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["bf16", "fp32"] = "bf16"
+    deepspeed: str = "infra/deepspeed/zero3.json"
+    """DeepSpeed config template; "auto" fields are filled from this stage (train/engine.py)."""
+    deepspeed_overrides: dict[str, Any] = {}
+    """Merged into the rendered DeepSpeed config (e.g. zero_optimization.stage3_param_persistence_threshold)."""
+    scaling: Scaling = Scaling()
+    checkpoint: Checkpointing = Checkpointing()
+    loader_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes per training worker."""
+    max_failures: int = Field(default=2, ge=0)
+    """Worker-group restarts from the last checkpoint before the stage fails."""
+    seed: int = 0
+    output: str
+    """URI of the consolidated export (Hugging Face folder) published at the end."""
+
+
+def parse_stage(data: dict[str, Any], origin: str = "<stage>") -> StageConfig:
+    try:
+        return StageConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: invalid stage\n{_format_errors(e)}") from None
+
+
+def load_stage(path: str | Path) -> StageConfig:
+    """Read and validate a stage YAML; relative local paths resolve against its folder."""
+    stage = parse_stage(load_yaml(path), str(path))
+    base = Path(path).resolve().parent
+
+    def fix(uri: str | None) -> str | None:
+        if uri is None or "://" in uri or Path(uri).is_absolute():
+            return uri
+        return str((base / uri).resolve())
+
+    init = stage.init.model_copy(update={k: fix(getattr(stage.init, k)) for k in
+                                         ("export", "language_model", "vision_tower", "tokenizer")})
+    ckpt = stage.checkpoint.model_copy(update={"uri": fix(stage.checkpoint.uri)})
+    return stage.model_copy(update={"init": init, "mixture": fix(stage.mixture),
+                                    "output": fix(stage.output), "checkpoint": ckpt})

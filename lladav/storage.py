@@ -440,3 +440,34 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
             raise StorageError(f"{uri}: AWS_ENDPOINT_URL must look like http(s)://host:port")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
     return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def publish_folder(local_dir: str | Path, uri: str, last: str) -> None:
+    """Publish a finished local folder at `uri` so that it looks complete or absent.
+
+    Local: the folder is copied beside the target under a temporary name and renamed into place
+    (an existing target is replaced). S3: every file is uploaded, `last` (the file readers open
+    first, e.g. config.json) at the very end, so a reader never finds it before the rest.
+    """
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    if not any(p.relative_to(local_dir).as_posix() == last for p in files):
+        raise StorageError(f"{local_dir}: has no {last} to publish last")
+    if not is_s3(uri):
+        target = Path(_local_path(uri))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        shutil.copytree(local_dir, staging)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+        return
+    delete(join(uri, last))  # uncommit a previous version first
+    ordered = [p for p in files if p.relative_to(local_dir).as_posix() != last]
+    ordered.append(local_dir / last)
+    for p in ordered:
+        write_file(join(uri, p.relative_to(local_dir).as_posix()), p)
