@@ -70,6 +70,21 @@ class LLaDAVConfig(PretrainedConfig):
                               max_tiles_area=self.max_tiles_area)
 
 
+class ImageNewline(nn.Module):
+    """The learned embedding appended after each row of anyres features.
+
+    A module rather than a bare parameter: ZeRO-3 gathers a partitioned parameter only around
+    its own module's forward, so a parameter read outside any forward would be empty.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class LLaDAVModel(PreTrainedModel):
     config_class = LLaDAVConfig
     base_model_prefix = "llada_v"
@@ -89,7 +104,7 @@ class LLaDAVModel(PreTrainedModel):
         hidden = config.text_config.hidden_size
         self.mm_projector = nn.Sequential(nn.Linear(vcfg.hidden_size, hidden), nn.GELU(),
                                           nn.Linear(hidden, hidden))
-        self.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
+        self.image_newline = ImageNewline(hidden)
         self.language_model = LLaDAModelLM(config.text_config)
         self.post_init()
 
@@ -120,7 +135,10 @@ class LLaDAVModel(PreTrainedModel):
 
     @property
     def mask_embedding(self) -> torch.Tensor:
-        return self.get_input_embeddings().weight[self.config.text_config.mask_token_id]
+        """The [M] row, through the embedding's forward (so ZeRO-3 gathers it): (D,)."""
+        embed = self.get_input_embeddings()
+        return embed(torch.tensor([self.config.text_config.mask_token_id],
+                                  device=embed.weight.device))[0]
 
     # -- images --------------------------------------------------------------------------------
     def pixel_tiles(self, image: Any, aspect: str | None = None, n_images: int = 1) -> torch.Tensor:
@@ -141,7 +159,7 @@ class LLaDAVModel(PreTrainedModel):
         if aspect == "square":
             out = features[0]
         elif n_images > 1:
-            out = torch.cat([features[0], self.image_newline[None].to(features.dtype)])
+            out = torch.cat([features[0], self.image_newline()[None].to(features.dtype)])
         else:
             lay = anyres_layout(size[0], size[1], self.config.geometry)
             d = features.shape[-1]
@@ -150,7 +168,7 @@ class LLaDAVModel(PreTrainedModel):
             fmap = fmap[:, lay.top:lay.bottom, lay.left:lay.right]             # unpad
             if (lay.rows, lay.cols) != tuple(fmap.shape[1:]):
                 fmap = F.interpolate(fmap[None], size=(lay.rows, lay.cols), mode="bilinear")[0]
-            newline = self.image_newline.to(fmap.dtype)[:, None, None].expand(d, lay.rows, 1)
+            newline = self.image_newline().to(fmap.dtype)[:, None, None].expand(d, lay.rows, 1)
             fmap = torch.cat([fmap, newline], dim=2)                           # (D, rows, cols+1)
             out = torch.cat([features[0], fmap.flatten(1).transpose(0, 1)])
         expected = image_token_count(size[0], size[1], self.config.geometry, aspect, n_images)

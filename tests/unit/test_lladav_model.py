@@ -87,7 +87,7 @@ def test_stage1_grouping_trains_only_the_projector(model):
     groups = m.component_parameters()
     assert {n for n, _ in groups["projector"]} == {"mm_projector.0.weight", "mm_projector.0.bias",
                                                    "mm_projector.2.weight", "mm_projector.2.bias",
-                                                   "image_newline"}
+                                                   "image_newline.weight"}
     assert sum(len(v) for v in groups.values()) == len(list(m.parameters()))
     for name, params in groups.items():
         for _, p in params:
