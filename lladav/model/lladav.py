@@ -153,13 +153,14 @@ class LLaDAVModel(PreTrainedModel):
         return self.mm_projector(features)                                   # (n, g*g, D)
 
     def assemble(self, features: torch.Tensor, size: tuple[int, int], aspect: str,
-                 n_images: int = 1) -> torch.Tensor:
+                 n_images: int = 1, newline: torch.Tensor | None = None) -> torch.Tensor:
         """One image's tile features (n_tiles, g*g, D) -> its token sequence (N, D)."""
         g = self.config.geometry.patches_per_side
+        newline = self.image_newline() if newline is None else newline
         if aspect == "square":
             out = features[0]
         elif n_images > 1:
-            out = torch.cat([features[0], self.image_newline()[None].to(features.dtype)])
+            out = torch.cat([features[0], newline[None].to(features.dtype)])
         else:
             lay = anyres_layout(size[0], size[1], self.config.geometry)
             d = features.shape[-1]
@@ -168,8 +169,8 @@ class LLaDAVModel(PreTrainedModel):
             fmap = fmap[:, lay.top:lay.bottom, lay.left:lay.right]             # unpad
             if (lay.rows, lay.cols) != tuple(fmap.shape[1:]):
                 fmap = F.interpolate(fmap[None], size=(lay.rows, lay.cols), mode="bilinear")[0]
-            newline = self.image_newline().to(fmap.dtype)[:, None, None].expand(d, lay.rows, 1)
-            fmap = torch.cat([fmap, newline], dim=2)                           # (D, rows, cols+1)
+            rows_nl = newline.to(fmap.dtype)[:, None, None].expand(d, lay.rows, 1)
+            fmap = torch.cat([fmap, rows_nl], dim=2)                           # (D, rows, cols+1)
             out = torch.cat([features[0], fmap.flatten(1).transpose(0, 1)])
         expected = image_token_count(size[0], size[1], self.config.geometry, aspect, n_images)
         assert out.shape[0] == expected, (out.shape, expected)
@@ -185,40 +186,52 @@ class LLaDAVModel(PreTrainedModel):
         images / image_sizes: per sample, the tiles (n_tiles, 3, T, T) and (W, H) of each image.
         Returns inputs_embeds (B, L', D) and `image_positions` (B, L') bool (True at image
         features). Padding is EOS, as the reference pads (its targets are the caller's choice).
+
+        Every module runs exactly once per call, whatever the batch holds (text-only samples
+        send a dummy tile through the tower and splice nothing): under ZeRO-3 each module call
+        gathers its parameters with a collective, so all ranks must make the same calls.
         """
         aspect = aspect or self.config.image_aspect
         embed = self.get_input_embeddings()
+        device = embed.weight.device
+        eos_id = self.config.text_config.eos_token_id
+        newline = self.image_newline()
         all_tiles = [t for sample in images for t in sample]
         if all_tiles:
             feats = self.encode_tiles(torch.cat(all_tiles)).split([t.shape[0] for t in all_tiles])
-        else:  # text-only batch: a dummy tile through the tower, spliced as nothing
-            dummy = torch.zeros(1, 3, self.config.vision_config.image_size, self.config.vision_config.image_size)
+            unused = newline.sum() * 0.0
+        else:
+            size = self.config.vision_config.image_size
             feats = ()
-            zero = self.encode_tiles(dummy).sum() * 0.0
+            unused = (self.encode_tiles(torch.zeros(1, 3, size, size)).sum() + newline.sum()) * 0.0
+        # One embedding call for the whole batch (placeholders read as EOS, then replaced), and
+        # one extra EOS column for the padding vector.
+        width = max(len(ids) for ids in input_ids)
+        table = torch.full((len(input_ids), width + 1), eos_id, dtype=torch.long, device=device)
+        for i, ids in enumerate(input_ids):
+            ids = ids.to(device)
+            table[i, : len(ids)] = torch.where(ids == IMAGE_PLACEHOLDER_ID, eos_id, ids)
+        text = embed(table)                                                   # (B, W + 1, D)
+        eos = text[0, -1]
         seqs, img_pos, k = [], [], 0
-        for ids, sizes in zip(input_ids, image_sizes):
-            ids = ids.to(embed.weight.device)
+        for i, (ids, sizes) in enumerate(zip(input_ids, image_sizes)):
             slots = (ids == IMAGE_PLACEHOLDER_ID).nonzero().flatten().tolist()
             if len(slots) != len(sizes):
                 raise ValueError(f"{len(slots)} image placeholders but {len(sizes)} images")
             pieces, flags, start = [], [], 0
             for slot, size in zip(slots, sizes):
-                text = embed(ids[start:slot])
-                img = self.assemble(feats[k], size, aspect, len(sizes)).to(text.dtype)
-                pieces += [text, img]
-                flags += [torch.zeros(len(text), dtype=torch.bool), torch.ones(len(img), dtype=torch.bool)]
+                img = self.assemble(feats[k], size, aspect, len(sizes), newline).to(text.dtype)
+                pieces += [text[i, start:slot], img]
+                flags += [torch.zeros(slot - start, dtype=torch.bool), torch.ones(len(img), dtype=torch.bool)]
                 start, k = slot + 1, k + 1
-            pieces.append(embed(ids[start:]))
+            pieces.append(text[i, start:len(ids)])
             flags.append(torch.zeros(len(ids) - start, dtype=torch.bool))
             seqs.append(torch.cat(pieces))
             img_pos.append(torch.cat(flags))
         length = max(pad_to or 0, max(len(s) for s in seqs))
-        eos = embed(torch.tensor([self.config.text_config.eos_token_id], device=embed.weight.device))[0]
         out = torch.stack([torch.cat([s, eos.expand(length - len(s), -1)]) for s in seqs])
         pos = torch.stack([F.pad(p, (0, length - len(p))) for p in img_pos])
-        if not all_tiles:
-            out = out + zero
-        return out, pos.to(out.device)
+        return out + unused, pos.to(out.device)
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
