@@ -179,11 +179,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
+def _validate(model: type[StrictModel], data: dict[str, Any], origin: str, what: str) -> Any:
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid recipe\n{_format_errors(e)}") from None
+        raise ConfigError(f"{origin}: invalid {what}\n{_format_errors(e)}") from None
+
+
+def _resolve(uri: str | None, base: Path) -> str | None:
+    """A relative local path against the YAML's folder; URIs and absolute paths as they are."""
+    if uri is None or "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
+    return _validate(Recipe, data, origin, "recipe")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -195,9 +206,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
     def fix(uri: str | None) -> str | None:
-        if uri is None or "://" in uri or Path(uri).is_absolute():
-            return uri
-        return str((base / uri).resolve())
+        return _resolve(uri, base)
 
     sources = [s.model_copy(update={"location": fix(s.location), "image_root": fix(s.image_root)})
                for s in recipe.sources]
@@ -317,10 +326,7 @@ class StageConfig(StrictModel):
 
 
 def parse_stage(data: dict[str, Any], origin: str = "<stage>") -> StageConfig:
-    try:
-        return StageConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{origin}: invalid stage\n{_format_errors(e)}") from None
+    return _validate(StageConfig, data, origin, "stage")
 
 
 def load_stage(path: str | Path) -> StageConfig:
@@ -329,9 +335,7 @@ def load_stage(path: str | Path) -> StageConfig:
     base = Path(path).resolve().parent
 
     def fix(uri: str | None) -> str | None:
-        if uri is None or "://" in uri or Path(uri).is_absolute():
-            return uri
-        return str((base / uri).resolve())
+        return _resolve(uri, base)
 
     init = stage.init.model_copy(update={k: fix(getattr(stage.init, k)) for k in
                                          ("export", "language_model", "vision_tower", "tokenizer")})

@@ -63,3 +63,26 @@ def test_recipe_fields_are_pinned():
     assert sorted(Recipe.model_fields) == sorted([
         "name", "sources", "template", "tokenizer", "max_length", "samples_per_shard", "seed",
         "dedup", "images", "vision", "output"])
+
+
+STAGE = {"name": "s1", "init": {"flavor": "tiny"}, "mixture": "mix", "output": "out",
+         "trainable": {"projector": 1e-3}}
+
+
+def test_stage_config_resolves_paths_and_checks_its_init(tmp_path):
+    from lladav.config import load_stage
+
+    p = tmp_path / "stage.yaml"
+    p.write_text(yaml.safe_dump(STAGE))
+    s = load_stage(p)
+    assert s.mixture == str(tmp_path / "mix") and s.trainable.vision_tower is None
+    for bad, field in [({"init": {"flavor": "tiny", "export": "x"}}, "init"),
+                       ({"init": {"language_model": "x"}}, "init"),
+                       ({"trainable": {}}, "trainable"),
+                       ({"trainable": {"projector": -1}}, "trainable.projector"),
+                       ({"micro_batch": 0}, "micro_batch"),
+                       ({"scaling": {"workers": 2, "gpu": 1}}, "scaling.gpu: unknown key")]:
+        p.write_text(yaml.safe_dump({**STAGE, **bad}))
+        with pytest.raises(ConfigError) as err:
+            load_stage(p)
+        assert field in str(err.value), (bad, str(err.value))
