@@ -1,0 +1,1 @@
+"""Training: the diffusion step, stage settings, the per-worker loop, DeepSpeed and Ray Train."""

@@ -1,0 +1,110 @@
+"""`lladav train STAGE.yaml`: a stage as a Ray Train job, then its consolidated export.
+
+    TorchTrainer(ScalingConfig(workers, GPUs, resources), RunConfig(name, storage, FailureConfig,
+    CheckpointConfig)) -> each worker: train/loop.run_worker -> checkpoints to the storage URI
+    -> after fit: the last checkpoint -> engine.export_consolidated -> the stage's output URI
+
+Resuming: a lost worker makes Ray Train restart the whole group (up to `max_failures` times);
+each new worker finds the last reported checkpoint with `ray.train.get_checkpoint()` and the
+loop continues from it. Rerunning a stage with the same run name and storage (the pipeline's
+step key) makes Ray Train restore that run's latest checkpoint the same way (Ray 2.60, Train V2:
+`resume_from_checkpoint` is gone; a run snapshot in storage is picked up by name).
+
+This is the only module that imports `ray.train` (STYLE item 6).
+Owns: turning a StageConfig into a Ray Train job and publishing the export. Does not own: what a
+worker does (train/loop.py) or DeepSpeed (train/engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lladav import storage
+from lladav.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    export_uri: str
+    checkpoint_path: str
+    metrics: dict[str, Any]
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: wires Ray's context into the plain loop."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from lladav.config import StageConfig
+    from lladav.train.loop import WorkerContext, run_worker
+
+    stage = StageConfig.model_validate(config["stage"])
+    context = ray.train.get_context()
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        checkpoint = Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    restored = ray.train.get_checkpoint() or config.get("resume_from")
+    if restored is None:
+        run_worker(stage, WorkerContext(context.get_world_rank(), context.get_world_size(), report,
+                                        on_step=config.get("on_step")))
+        return
+    with restored.as_directory() as folder:
+        ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), report,
+                            restore_dir=folder, on_step=config.get("on_step"))
+        run_worker(stage, ctx)
+
+
+def ensure_ray() -> None:
+    from lladav.data.build import ensure_ray as _ensure
+
+    _ensure()
+
+
+def checkpoint_root(stage: StageConfig) -> str:
+    return stage.checkpoint.uri or storage.join(storage.parent(stage.output), f"{stage.name}-checkpoints")
+
+
+def run_stage(stage: StageConfig, *, run_name: str | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> StageResult:
+    """Train `stage` on the Ray cluster and publish its consolidated export to `stage.output`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lladav.model.lladav import LLaDAVConfig
+    from lladav.train.engine import export_consolidated
+    from lladav.train.loop import mixture_tokenizer
+
+    ensure_ray()
+    scaling = stage.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"stage": stage.model_dump(mode="json"), "on_step": on_step},
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scaling.workers,
+                                     use_gpu=bool(scaling.gpus_per_worker),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name or stage.name, storage_path=checkpoint_root(stage),
+                             failure_config=FailureConfig(max_failures=stage.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=stage.checkpoint.keep)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name}: the run reported no checkpoint")
+    tok = mixture_tokenizer(stage.mixture)
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        config = LLaDAVConfig.from_pretrained(folder)  # rank 0 saved it beside the shards
+        export_consolidated(folder, os.path.join(tmp, "export"), config)
+        tok.tokenizer.save_pretrained(os.path.join(tmp, "export"))
+        storage.publish_folder(os.path.join(tmp, "export"), stage.output, last="config.json")
+    return StageResult(stage.output, result.checkpoint.path, dict(result.metrics or {}))

@@ -1,0 +1,165 @@
+"""The per-worker training loop of a stage; reads top to bottom like the recipe it is.
+
+    tokenizer -> model skeleton (zero.Init) -> init weights -> freeze per stage -> DeepSpeed
+    -> loader -> [resume] -> step, step, ... checkpoint every K -> last checkpoint
+
+No Ray import: distribution arrives as a `WorkerContext` (rank, world size, where to report,
+what to resume from), built by train/launch.py under Ray Train or by a test in-process.
+
+A checkpoint is DeepSpeed's sharded checkpoint plus, in each rank's client state, the loader's
+state, the RNG state of the masking generator, the step and the ledger of sample keys this rank
+consumed: restoring it continues with exactly the next sample and the same random draws.
+
+Owns: the order of work inside one worker. Does not own: the step's math (train/step.py),
+DeepSpeed calls (train/engine.py), the data order (data/loader.py), Ray (train/launch.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lladav.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    report: Callable[[dict[str, Any], str | None], None]
+    """report(metrics, checkpoint_dir or None): every rank calls it at every optimizer step."""
+    restore_dir: str | None = None
+    """A local folder holding the checkpoint to resume from (all ranks' shards), or None."""
+    on_step: Callable[[int, int, dict], None] | None = None
+    """Hook called as on_step(step, rank, metrics) after each optimizer step (tests use it to
+    record losses and to kill a worker)."""
+    tmp_root: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mixture_tokenizer(mixture_uri: str) -> Any:
+    """The ChatTokenizer a mixture was tokenized with (its URI is in mixture.json)."""
+    from lladav.data.build import load_tokenizer
+    from lladav.data.manifest import open_mixture
+
+    return load_tokenizer(open_mixture(mixture_uri).info["tokenizer"]["uri"])
+
+
+def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
+    from lladav.data.loader import MixtureLoader
+    from lladav.train import engine as eng
+    from lladav.model.lladav import LLaDAVModel
+    from lladav.train.stage import apply_stage, format_table, initial_weights
+    from lladav.train.step import diffusion_step
+
+    eng.init_distributed()
+    tok = mixture_tokenizer(stage.mixture)
+    torch.manual_seed(stage.seed)
+    config, weights = initial_weights(stage, tok)
+    ds_config = eng.render_ds_config(
+        eng.resolve_template(stage.deepspeed), micro_batch=stage.micro_batch,
+        grad_accum=stage.grad_accum, world_size=ctx.world_size,
+        gradient_clipping=stage.gradient_clipping, precision=stage.precision,
+        hidden_size=config.text_config.hidden_size, overrides=stage.deepspeed_overrides)
+    model = eng.build_model(lambda: LLaDAVModel(config), ds_config)
+    if weights is not None:
+        eng.load_state_into(model, weights)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    groups, rows = apply_stage(model, stage)
+    if ctx.rank == 0:
+        log.info("stage %s\n%s", stage.name, format_table(rows))
+
+    loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=ctx.rank,
+                           world_size=ctx.world_size, num_workers=stage.loader_workers,
+                           seed=stage.seed, aspect=stage.image_aspect,
+                           group_by_length=stage.group_by_length)
+    steps_per_epoch = max(1, len(loader) // stage.grad_accum)
+    total = stage.max_steps or stage.epochs * steps_per_epoch
+    engine = eng.initialize(model, groups, ds_config, total_steps=total,
+                            warmup_ratio=stage.warmup_ratio, betas=stage.betas,
+                            eps=stage.adam_eps, weight_decay=stage.weight_decay)
+
+    masking = torch.Generator().manual_seed(stage.seed * 1000 + ctx.rank)
+    step, ledger = 0, []
+    if ctx.restore_dir:
+        client = eng.load_checkpoint(engine, ctx.restore_dir)
+        step, ledger = int(client["step"]), list(client["ledger"])
+        loader.load_state_dict(client["loader"])
+        masking.set_state(client["rng"])
+        log.info("rank %d resumed at step %d (epoch %d)", ctx.rank, step, loader.epoch)
+
+    local_fraction = _local_fraction(engine.module)
+    micro, window = 0, _Window()
+    while step < total:
+        for batch in loader:
+            loss, metrics = diffusion_step(engine.module, batch, masking, stage.image_aspect)
+            engine.backward(loss)
+            engine.step()
+            ledger.extend(batch.keys)
+            window.add(metrics, batch)
+            micro += 1
+            if micro % stage.grad_accum:
+                continue
+            step += 1
+            report = {"step": step, "epoch": loader.epoch, "lr": engine.get_lr()[0],
+                      "local_param_fraction": local_fraction, **window.flush(ctx.world_size)}
+            if ctx.on_step is not None:
+                ctx.on_step(step, ctx.rank, report)
+            if step % stage.checkpoint.every_steps == 0 or step == total:
+                with tempfile.TemporaryDirectory(dir=ctx.tmp_root) as folder:
+                    eng.save_checkpoint(engine, folder, {
+                        "step": step, "loader": loader.state_dict(), "rng": masking.get_state(),
+                        "ledger": ledger, "stage": stage.name})
+                    if ctx.rank == 0:  # the export needs the config beside the shards
+                        engine.module.config.save_pretrained(folder)
+                    with open(os.path.join(folder, f"ledger-rank{ctx.rank}.json"), "w") as f:
+                        json.dump(ledger, f)  # the samples this rank consumed, for audits
+                    ctx.report(report, folder)
+            else:
+                ctx.report(report, None)
+            if step >= total:
+                break
+    return {"step": step, "ledger": ledger}
+
+
+def _local_fraction(model: Any) -> float:
+    """Share of the parameters this rank holds: ~1/world_size under ZeRO-3 partitioning."""
+    full = local = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        full += n
+        local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else n
+    return local / max(full, 1)
+
+
+class _Window:
+    """Throughput and padding over the micro-batches of one optimizer step."""
+
+    def __init__(self) -> None:
+        self.t0, self.samples, self.tokens, self.pad, self.losses = time.perf_counter(), 0, 0, 0.0, []
+
+    def add(self, metrics: dict[str, Any], batch: Any) -> None:
+        self.samples += len(batch.keys)
+        self.tokens += metrics["tokens"]
+        self.pad += batch.padding_fraction * len(batch.keys)
+        self.losses.append(metrics["loss"])
+
+    def flush(self, world_size: int) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"loss": sum(self.losses) / len(self.losses),
+               "samples_per_s": self.samples * world_size / dt,
+               "tokens_per_s": self.tokens * world_size / dt,
+               "padding_fraction": self.pad / max(self.samples, 1)}
+        self.__init__()
+        return out
