@@ -141,8 +141,9 @@ def demo(num_workers: int = typer.Option(2, "--num-workers", min=1)) -> None:
             recipe = load_recipe(REPO_ROOT / "data_recipes" / f"{name}.yaml")
             console.rule(f"[bold]{name}")
             with _progress_bar() as progress:
+                # The demo owns its folder: a mixture built by older code is replaced.
                 mixture = build(recipe, str((workdir / "mixtures" / name).resolve()),
-                                num_workers=num_workers, progress=progress)
+                                num_workers=num_workers, overwrite=True, progress=progress)
             print_summary(mixture)
 
 

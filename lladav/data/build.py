@@ -334,7 +334,7 @@ def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
                               "entries": [[e.ref.location, e.copy] for e in the_plan.entries]})
     committed = _committed_plan(out_uri)
     if committed is not None:
-        if committed == plan_digest and not overwrite:
+        if committed == plan_digest:
             log.info("%s already holds this mixture; nothing to do", out_uri)
             return mf.open_mixture(out_uri)
         if not overwrite:
