@@ -39,11 +39,12 @@ import numpy as np
 
 from lladav import storage
 from lladav.config import Recipe, Source
+from lladav.data import RecordError
 from lladav.data import manifest as mf
 from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, add_tag,
                                       normalize_turns, normalized_text, tokenize)
 from lladav.data.images import BadImage, image_token_count, inspect_image
-from lladav.data.sources import (BadRecord, RecordRef, Unreadable, check_source, enumerate_source,
+from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
                                  load_record)
 from lladav.digest import (canonical_json, code_version, digest_obj, hash_key, hash_unit,
                            pretty_json, sha256_bytes)
@@ -170,7 +171,7 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
             except BadImage as e:
                 raise Rejected(e.code, f"{e.detail} ({blob.location})") from None
         turns = normalize_turns(loaded.conversations, len(infos))
-    except (BadRecord, ConversationError) as e:
+    except RecordError as e:
         raise Rejected(e.code, e.detail) from None
     _apply_filters(source, turns, len(infos), ref.record_id)
     text_sha = sha256_bytes(normalized_text(turns).encode())

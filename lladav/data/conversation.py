@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lladav.data import RecordError
+
 # Special tokens of LLaDA-8B-Instruct's tokenizer (lladav_reference.md, "Tokens and template").
 # Ids are looked up by name in whatever tokenizer a recipe names, never hard-coded: the real
 # tokenizer gives 126080/126081/126336/126346/126347/126348, the tiny test tokenizer its own.
@@ -45,12 +47,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
          "system": "system"}
 
 
-class ConversationError(ValueError):
+class ConversationError(RecordError):
     """A record's conversation cannot be templated; `code` is the reject reason."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code, self.detail = code, detail
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from lladav.config import ImageLimits, VisionGeometry
+from lladav.data import RecordError
 
 # Truncated files must fail, never load half-grey (the reference sets this to True).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -27,12 +28,8 @@ _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP":
                "TIFF": "tiff"}
 
 
-class BadImage(ValueError):
+class BadImage(RecordError):
     """An image that must not be trained on; `code` is the reject reason."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code, self.detail = code, detail
 
 
 @dataclass(frozen=True)

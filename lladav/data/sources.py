@@ -25,6 +25,7 @@ from typing import Any
 
 from lladav import storage
 from lladav.config import Source
+from lladav.data import RecordError
 
 _CHUNK = 1 << 20
 _MAX_ELEMENT = 64 << 20  # a JSON record larger than this is treated as malformed
@@ -52,12 +53,8 @@ class Unreadable:
     detail: str
 
 
-class BadRecord(ValueError):
+class BadRecord(RecordError):
     """A record that cannot be used; `code` is the reject reason."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code, self.detail = code, detail
 
 
 @dataclass
