@@ -19,12 +19,14 @@ from rich.table import Table
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLaDA-V training, end to end.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect training mixtures.")
 app.add_typer(data_app, name="data")
+pipeline_app = typer.Typer(no_args_is_help=True, help="Run stage pipelines as durable, keyed steps.")
+app.add_typer(pipeline_app, name="pipeline")
+lineage_app = typer.Typer(no_args_is_help=True, help="Ask MLflow which data, code and parents made a model.")
+app.add_typer(lineage_app, name="lineage")
 # Piped output (CI logs, `make demo | tee`) gets a fixed width wide enough for the tables.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_DIR = REPO_ROOT / ".lladav" / "demo"
-DEMO_RECIPES = ["tiny_stage1", "tiny_stage2", "tiny_stage3"]
 
 
 @contextmanager
@@ -34,9 +36,11 @@ def _known_errors() -> Iterator[None]:
     from lladav.data.manifest import MixtureNotCommitted
     from lladav.data.sources import SourceError
 
+    from lladav.lineage import LineageError
+
     try:
         yield
-    except (ConfigError, BuildError, SourceError, MixtureNotCommitted) as e:
+    except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -123,28 +127,14 @@ def data_synth(
 
 
 @app.command("demo")
-def demo(num_workers: int = typer.Option(2, "--num-workers", min=1)) -> None:
-    """The main job on a laptop: synthetic corpus -> the three tiny mixtures -> summaries.
+def demo() -> None:
+    """The main job on a laptop: pipelines/tiny.yaml, then the accuracy and the final lineage.
 
-    The corpus goes to .lladav/demo/ in the repository, where data_recipes/tiny_*.yaml point.
+    Synthetic shapes corpus -> three mixtures -> stage 1 (projector) -> stage 2 (all) -> stage 3
+    (/think-/no_think reasoning) -> held-out eval with the sampler. Everything lands in ./.lladav/
+    (storage, MLflow SQLite store); a rerun skips what is done.
     """
-    from lladav.config import load_recipe
-    from lladav.data.build import build
-    from lladav.data.synthetic import synth_all
-
-    workdir = DEMO_DIR
-    if not (workdir / "tokenizer" / "tokenizer.json").exists():
-        console.print(f"[bold]synthesising the shapes corpus into {workdir}")
-        synth_all(workdir)
-    with _known_errors():
-        for name in DEMO_RECIPES:
-            recipe = load_recipe(REPO_ROOT / "data_recipes" / f"{name}.yaml")
-            console.rule(f"[bold]{name}")
-            with _progress_bar() as progress:
-                # The demo owns its folder: a mixture built by older code is replaced.
-                mixture = build(recipe, str((workdir / "mixtures" / name).resolve()),
-                                num_workers=num_workers, overwrite=True, progress=progress)
-            print_summary(mixture)
+    pipeline_run(REPO_ROOT / "pipelines" / "tiny.yaml")
 
 
 @app.command("train")
@@ -185,6 +175,114 @@ def generate_cmd(
                                use_prefix_cache=prefix_cache)
     result = answer(net, tok, [Image.open(p).convert("RGB") for p in image], prompt, settings)
     print(result.text)
+
+
+# ---- pipelines and lineage -------------------------------------------------------------------
+
+@contextmanager
+def _step_bars() -> Iterator[Any]:
+    """One progress bar per pipeline step (and per phase of it: scan, write, train, eval)."""
+    with _progress_bar() as update:
+        yield lambda step: (lambda phase, done, total: update(f"{step} {phase}", done, total))
+
+
+_SHOWN = ("corpus", "mixture", "digest", "export", "steps", "accuracy")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    return text[:16] if len(text) == 64 and "/" not in text else text  # a sha256
+
+
+def _plan_table(steps: list[Any]) -> Table:
+    table = Table(title="pipeline steps")
+    for col in ("step", "kind", "key", "state", "run", "outputs"):
+        table.add_column(col, overflow="fold")
+    for p in steps:
+        state = p.state + (f" (changed; was {p.previous[:12]})" if p.previous and p.state != "done" else "")
+        rec = p.record or {}
+        outs = rec.get("outputs") or {}
+        table.add_row(p.name, p.kind, p.key[:12], state, (rec.get("run_id") or "")[:8],
+                      "\n".join(f"{k}: {_short(v)}" for k, v in outs.items() if k in _SHOWN))
+    return table
+
+
+@pipeline_app.command("plan")
+def pipeline_plan(pipeline: Path = typer.Argument(..., help="Pipeline YAML (pipelines/*.yaml).")) -> None:
+    """Validate a pipeline and every recipe and stage it names; show each step's key and state."""
+    from lladav.config import load_pipeline
+    from lladav.pipeline import plan
+
+    with _known_errors():
+        console.print(_plan_table(plan(load_pipeline(pipeline))))
+
+
+@pipeline_app.command("status")
+def pipeline_status(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) -> None:
+    """Which steps are done, interrupted (will resume) or pending (will run)."""
+    pipeline_plan(pipeline)
+
+
+@pipeline_app.command("run")
+def pipeline_run(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) -> None:
+    """Run the steps that are not done; an interrupted step resumes, a changed one reruns."""
+    from lladav import lineage
+    from lladav.config import load_pipeline
+    from lladav.pipeline import run
+
+    with _known_errors():
+        pipe = load_pipeline(pipeline)
+        with _step_bars() as bars:
+            steps = run(pipe, progress=bars, say=lambda m: console.print(m, highlight=False))
+        console.print(_plan_table(steps))
+        for p in steps:
+            if p.kind == "eval":
+                out = p.record["outputs"]
+                console.print(f"[bold]{p.name}: held-out accuracy {out['accuracy']:.1%}[/] "
+                              f"on {out['n']} questions (chance {out['chance']:.0%}) for {out['export']}")
+        last = [p for p in steps if p.kind == "stage"]
+        if last:
+            export = last[-1].record["outputs"]["export"]
+            console.print(f"\n[bold]lineage of {export}")
+            console.print(lineage.render_tree(lineage.show(export, pipe.mlflow.tracking_uri)))
+
+
+@lineage_app.command("show")
+def lineage_show(
+    ref: str = typer.Argument(..., help="An export URI or a stage run id."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./.lladav/mlflow.db."),
+    graph: Path = typer.Option(None, "--graph", help="Also write the lineage graph as a PNG here."),
+) -> None:
+    """The chain from an export down to its mixtures and their source corpora."""
+    from lladav import lineage
+
+    with _known_errors():
+        node = lineage.show(ref, tracking_uri)
+        console.print(lineage.render_tree(node))
+        if graph:
+            lineage.render_graph(node, graph)
+            console.print(f"graph: {graph}")
+
+
+@lineage_app.command("trace")
+def lineage_trace(
+    source: str = typer.Option(..., "--source", help="Source name as in the recipes."),
+    record: str = typer.Option(None, "--record", help="One record id of that source."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri"),
+) -> None:
+    """Every export that trained on a source's records (from the manifests), or descends from one."""
+    from lladav import lineage
+
+    with _known_errors():
+        hits = lineage.trace(source, record, tracking_uri)
+    table = Table(title=f"exports trained on {source}" + (f" record {record}" if record else ""))
+    for col in ("export", "step", "run", "status", "how"):
+        table.add_column(col, overflow="fold")
+    for h in hits:
+        table.add_row(h.export or "(none)", h.step, h.run_id, h.status, h.how)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Typed configs: mixture recipes (and, later, stages and pipelines) as pydantic models.
+"""Typed configs: mixture recipes, training stages and pipelines, as pydantic models.
 
 Every model forbids unknown keys and is frozen, and every field carries a docstring that the CLI's
 help and the error messages reuse. `load_recipe(path)` reads YAML and fails before any work starts
@@ -11,7 +11,7 @@ the module named in each model's docstring) or where files live (storage.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -197,9 +197,10 @@ def parse_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
     return _validate(Recipe, data, origin, "recipe")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML. Relative local URIs resolve against the YAML's folder."""
-    data = load_yaml(path)
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe YAML (with `overrides` deep-merged over it, as a pipeline step
+    gives them). Relative local URIs resolve against the YAML's folder."""
+    data = merge(load_yaml(path), overrides or {})
     recipe = parse_recipe(data, str(path))
     return _resolve_relative(recipe, Path(path).resolve().parent)
 
@@ -329,9 +330,10 @@ def parse_stage(data: dict[str, Any], origin: str = "<stage>") -> StageConfig:
     return _validate(StageConfig, data, origin, "stage")
 
 
-def load_stage(path: str | Path) -> StageConfig:
-    """Read and validate a stage YAML; relative local paths resolve against its folder."""
-    stage = parse_stage(load_yaml(path), str(path))
+def load_stage(path: str | Path, overrides: dict[str, Any] | None = None) -> StageConfig:
+    """Read and validate a stage YAML (with `overrides` deep-merged over it; a pipeline supplies
+    `mixture`, `output` and `init` this way); relative local paths resolve against its folder."""
+    stage = parse_stage(merge(load_yaml(path), overrides or {}), str(path))
     base = Path(path).resolve().parent
 
     def fix(uri: str | None) -> str | None:
@@ -342,3 +344,165 @@ def load_stage(path: str | Path) -> StageConfig:
     ckpt = stage.checkpoint.model_copy(update={"uri": fix(stage.checkpoint.uri)})
     return stage.model_copy(update={"init": init, "mixture": fix(stage.mixture),
                                     "output": fix(stage.output), "checkpoint": ckpt})
+
+
+# ---- pipelines (pipeline.py) -----------------------------------------------------------------
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class MlflowSettings(StrictModel):
+    """Where lineage goes (lineage.py). Credentials never go here: MLflow and S3 read theirs from
+    the environment (MLFLOW_TRACKING_TOKEN, AWS_*)."""
+
+    tracking_uri: str | None = None
+    """Tracking server or store; default: SQLite under ./.lladav/ (or $MLFLOW_TRACKING_URI)."""
+    experiment: str | None = None
+    """Experiment name; default: the pipeline's name."""
+
+
+class _Step(StrictModel):
+    name: str = Field(pattern=_NAME)
+    """Unique within the pipeline; it names the step's folder and MLflow run."""
+    needs: list[str] = []
+    """Extra edges: steps that must finish first (references below are edges already)."""
+
+    def refs(self) -> dict[str, str]:
+        """Upstream steps this step reads, by role (role -> step name)."""
+        return {}
+
+
+class SynthStep(_Step):
+    """The demo's synthetic shapes corpus + tokenizer (data/synthetic.py)."""
+
+    kind: Literal["synth"]
+    output: str
+    """Folder written (corpus/, tokenizer/); the tiny recipes point into it."""
+    n_train: int = Field(default=600, ge=1)
+    n_heldout: int = Field(default=90, ge=1)
+    seed: int = 0
+
+
+class DataStep(_Step):
+    """A mixture build (data/build.py) of a recipe; its mixture goes under the step's folder."""
+
+    kind: Literal["data"]
+    recipe: str
+    """Recipe YAML, relative to the pipeline file."""
+    overrides: dict[str, Any] = {}
+    """Merged over the recipe before validation."""
+
+
+class StageStep(_Step):
+    """A training stage (train/launch.py); its export and checkpoints go under the step's folder."""
+
+    kind: Literal["stage"]
+    stage: str
+    """Stage YAML, relative to the pipeline file."""
+    mixture: str | None = None
+    """A data step's name (its mixture replaces the stage's `mixture`), or a mixture URI."""
+    init: str | None = None
+    """A stage step's name whose export initialises this stage; null keeps the stage's `init`."""
+    overrides: dict[str, Any] = {}
+    """Merged over the stage YAML before validation (e.g. {max_steps: 10})."""
+
+    def refs(self) -> dict[str, str]:
+        out = {}
+        if self.mixture and "://" not in self.mixture and "/" not in self.mixture:
+            out["mixture"] = self.mixture
+        if self.init:
+            out["init"] = self.init
+        return out
+
+
+class EvalStep(_Step):
+    """Held-out questions answered by a stage's export with the sampler (evaluate.py)."""
+
+    kind: Literal["eval"]
+    model: str
+    """The stage step whose export is evaluated."""
+    heldout: str
+    """A synth step's name, or a folder/URI holding heldout.json and its images."""
+    limit: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N questions."""
+    gen_length: int = Field(default=8, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    """Sampler steps; default: gen_length (one token per step)."""
+    threshold: float | None = Field(default=None, gt=0)
+    """Confidence-threshold parallel decoding."""
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Fail the step (and the pipeline) below this held-out accuracy."""
+
+    def refs(self) -> dict[str, str]:
+        out = {"model": self.model}
+        if "://" not in self.heldout and "/" not in self.heldout:
+            out["heldout"] = self.heldout
+        return out
+
+
+Step = Annotated[Union[SynthStep, DataStep, StageStep, EvalStep], Field(discriminator="kind")]
+_REF_KINDS = {"mixture": "data", "init": "stage", "model": "stage", "heldout": "synth"}
+
+
+class PipelineConfig(StrictModel):
+    """A stage DAG: `lladav pipeline plan|run|status PIPELINE.yaml` (pipeline.py)."""
+
+    name: str = Field(pattern=_NAME)
+    storage: str | None = None
+    """Root URI of every step's outputs (<storage>/steps/<step>/<key>/); default ./.lladav/<name>."""
+    mlflow: MlflowSettings = MlflowSettings()
+    ray_address: str | None = None
+    """Ray cluster to run on; default: $RAY_ADDRESS, else a local Ray."""
+    steps: list[Step] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _graph(self) -> "PipelineConfig":
+        kinds: dict[str, str] = {}
+        for i, step in enumerate(self.steps):
+            if step.name in kinds:
+                raise ValueError(f"steps.{i}: step name {step.name!r} is used twice")
+            for role, ref in step.refs().items():
+                if ref not in kinds:
+                    raise ValueError(f"steps.{i} ({step.name}): {role} {ref!r} must name an earlier step")
+                if kinds[ref] != _REF_KINDS[role]:
+                    raise ValueError(f"steps.{i} ({step.name}): {role} {ref!r} is a {kinds[ref]} step, "
+                                     f"expected a {_REF_KINDS[role]} step")
+            for ref in step.needs:
+                if ref not in kinds:
+                    raise ValueError(f"steps.{i} ({step.name}): needs {ref!r} must name an earlier step")
+            kinds[step.name] = step.kind
+        return self
+
+    def step(self, name: str) -> Any:
+        return next(s for s in self.steps if s.name == name)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, everything else in `over` replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_pipeline(data: dict[str, Any], origin: str = "<pipeline>") -> PipelineConfig:
+    return _validate(PipelineConfig, data, origin, "pipeline")
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML; relative step files and folders resolve against it.
+    The recipes and stages it names are validated too (`pipeline.resolve` loads them)."""
+    pipe = parse_pipeline(load_yaml(path), str(path))
+    base = Path(path).resolve().parent
+    steps = []
+    for s in pipe.steps:
+        update: dict[str, Any] = {}
+        for field in ("recipe", "stage", "output"):
+            if hasattr(s, field):
+                update[field] = _resolve(getattr(s, field), base)
+        if isinstance(s, StageStep) and s.mixture and "mixture" not in s.refs():
+            update["mixture"] = _resolve(s.mixture, base)
+        if isinstance(s, EvalStep) and "heldout" not in s.refs():
+            update["heldout"] = _resolve(s.heldout, base)
+        steps.append(s.model_copy(update=update))
+    return pipe.model_copy(update={"steps": steps, "storage": _resolve(pipe.storage, base)})

@@ -88,6 +88,10 @@ def code_version() -> dict[str, Any]:
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "lladav"],
                                 capture_output=True, text=True, timeout=10, check=True).stdout
         version.update(git_commit=commit, git_dirty=bool(status.strip()))
+        if status.strip():  # uncommitted edits: name them by the digest of the diff
+            diff = subprocess.run(["git", "-C", str(root), "diff", "HEAD", "--", "lladav"],
+                                  capture_output=True, timeout=10, check=True).stdout
+            version["git_diff_sha256"] = sha256_bytes(diff)
     except (OSError, subprocess.SubprocessError):
         pass  # not a checkout (an installed wheel): the package version is all there is
     return version

@@ -52,7 +52,7 @@ def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{Path(log).stem} exited with {proc.returncode}:\n{log.read_text()}")
         try:
             urllib.request.urlopen(url, timeout=1).close()
             return
@@ -60,7 +60,7 @@ def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path,
             return  # any HTTP answer means it is serving
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"moto_server did not answer at {url} within {timeout:.0f} s:\n"
+    raise RuntimeError(f"{Path(log).stem} did not answer at {url} within {timeout:.0f} s:\n"
                        f"{log.read_text()}")
 
 
@@ -152,3 +152,45 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+# ---- MLflow: a tracking server in a subprocess, artifacts on the moto S3 endpoint -------------
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` with a SQLite backend and proxied artifacts in s3://mlflow-artifacts;
+    yields its URL. The job runner is off (FEASIBILITY §5: 2 processes instead of 10), and the
+    client gives up at once on a dead server instead of retrying for minutes at exit."""
+    import boto3
+
+    boto3.session.Session().client("s3").create_bucket(Bucket="mlflow-artifacts")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = root / "server.log"
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen([mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                 "--artifacts-destination", "s3://mlflow-artifacts/", "--workers", "1"],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"})
+    try:
+        _wait_until_answering(f"{url}/health", proc, log, timeout=90)
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()

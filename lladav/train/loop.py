@@ -112,7 +112,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
             if micro % stage.grad_accum:
                 continue
             step += 1
-            report = {"step": step, "epoch": loader.epoch, "lr": engine.get_lr()[0],
+            report = {"step": step, "total_steps": total, "epoch": loader.epoch, "lr": engine.get_lr()[0],
                       "local_param_fraction": local_fraction, **window.flush(ctx.world_size)}
             if ctx.on_step is not None:
                 ctx.on_step(step, ctx.rank, report)

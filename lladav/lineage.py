@@ -1,0 +1,432 @@
+"""Lineage in MLflow: what the pipeline records, and the two questions auditors ask of it.
+
+    pipeline run (parent)                      tags lladav.pipeline, lladav.git_commit, lladav.version
+    ├── step run "mix-stage1"  (kind data)     inputs: each source corpus (context "source")
+    │                                          tags lladav.mixture + lladav.mixture_digest
+    ├── step run "stage1"      (kind stage)    inputs: its mixture (context "train", digest tag)
+    │                                          tags lladav.export, lladav.parent_run (the stage
+    │                                          whose export it started from), metrics per step
+    └── step run "eval"        (kind eval)     metric heldout_accuracy, samples as artifacts
+
+`show(ref)` walks an export back through `lladav.parent_run` to the first stage and, for each
+stage, lists its mixture (digest, URI) and that mixture's source corpora (from its mixture.json).
+`trace(source, record)` scans every stage run's mixture manifest for the record and returns the
+exports that read it, and those that descend from one that did (initialised from its export).
+
+Secrets: nothing from the environment is logged. Every param, tag and artifact text passes
+`scrub`, which blanks the value of any environment variable whose name looks like a credential
+and the user:password part of URLs, so a secret pasted into a config still never reaches MLflow.
+
+All calls go through `MlflowClient` with explicit run ids, never the fluent "active run": a stage
+worker logs into the same run from another process, and an active run left open at exit would
+retry a stopped server for minutes (FEASIBILITY §5).
+Owns: the MLflow vocabulary above and the show/trace queries. Does not own: when steps run
+(pipeline.py) or what a mixture/export holds (data/manifest.py, train/).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "lladav."
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|_KEY$",
+                          re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
+_PARAM_MAX = 500
+
+
+# ---- secrets ---------------------------------------------------------------------------------
+
+def _secret_values() -> list[str]:
+    # Short values ("true", "testing") would blank ordinary words out of paths; real secrets are long.
+    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def scrub(text: str) -> str:
+    """`text` with credential-looking environment values and URL passwords blanked out."""
+    for value in _secret_values():
+        text = text.replace(value, "***")
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for MLflow params (scrubbed, capped in length)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix.rstrip(".")] = scrub(str(obj))[:_PARAM_MAX]
+    return out
+
+
+# ---- where the store is ----------------------------------------------------------------------
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else a SQLite store under ./.lladav/ (created on first use)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path.cwd() / ".lladav"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+class Lineage:
+    """The MLflow side of a pipeline run (one per process)."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "lladav") -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            # A local store gets its artifacts beside the database, not in ./mlruns of the cwd;
+            # a tracking server decides for itself (e.g. proxied S3).
+            location = None
+            if _is_local_store(self.tracking_uri):
+                db = Path(self.tracking_uri.split(":///", 1)[-1])
+                location = (db.parent / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    # -- runs --
+
+    def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        from lladav import __version__
+        from lladav.digest import code_version
+
+        version = code_version()
+        all_tags = {f"{PREFIX}version": __version__,
+                    f"{PREFIX}git_commit": str(version.get("git_commit")),
+                    f"{PREFIX}git_dirty": str(version.get("git_dirty")),
+                    **tags}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={k: scrub(str(v)) for k, v in all_tags.items()})
+        return run.info.run_id
+
+    def resume_run(self, run_id: str) -> str:
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, scrub(str(v)))
+
+    # -- what a run read and wrote --
+
+    def log_config(self, run_id: str, name: str, config: dict[str, Any]) -> None:
+        """Params `<name>.<field...>` plus the whole config as artifact config/<name>.yaml."""
+        from mlflow.entities import Param
+
+        import yaml
+
+        params = [Param(k, v) for k, v in flatten(config, f"{name}.").items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        self.log_text(run_id, f"config/{name}.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def log_text(self, run_id: str, artifact_path: str, text: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_path).name
+            path.write_text(scrub(text))
+            self.client.log_artifact(run_id, str(path), str(Path(artifact_path).parent) or None)
+
+    def log_file(self, run_id: str, local_path: str | Path, artifact_dir: str) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_dir)
+
+    def log_dataset(self, run_id: str, name: str, uri: str, digest: str | None, context: str,
+                    tags: dict[str, str] | None = None) -> None:
+        """A mixture (context "train") or a source corpus (context "source") as a dataset input.
+        MLflow caps a dataset digest at 36 characters, so the full sha256 goes in a tag."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        import warnings
+
+        short = digest.removeprefix("sha256:")[:32] if digest else None
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(scrub(uri))
+        dataset = MetaDataset(source, name=name, digest=short)
+        input_tags = [InputTag("mlflow.data.context", context)]
+        if digest:
+            input_tags.append(InputTag(f"{PREFIX}digest", digest))
+        input_tags += [InputTag(k, scrub(v)) for k, v in (tags or {}).items()]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def register_export(self, run_id: str, model_name: str, export_uri: str) -> str:
+        """The export as a new version of registered model `model_name`; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        version = self.client.create_model_version(model_name, source=scrub(export_uri), run_id=run_id,
+                                                   tags={f"{PREFIX}export": scrub(export_uri)})
+        return str(version.version)
+
+    def latest_metric(self, run_id: str, key: str) -> float | None:
+        return self.client.get_run(run_id).data.metrics.get(key)
+
+
+@dataclass
+class StepMetrics:
+    """on_step hook for a stage (pickled into each Ray Train worker): rank 0 logs the step's
+    metrics into the step's MLflow run. A tracking hiccup is logged, never fatal to training."""
+
+    tracking_uri: str
+    run_id: str
+    total_steps: int | None = None
+
+    def __call__(self, step: int, rank: int, metrics: dict[str, Any]) -> None:
+        if rank != 0:
+            return
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
+        except Exception as e:  # noqa: BLE001 - lineage must not kill a multi-day run
+            log.warning("could not log step %d to MLflow run %s: %s", step, self.run_id, e)
+
+
+# ---- the auditors' queries -------------------------------------------------------------------
+
+@dataclass
+class Node:
+    """One box of a lineage tree: an export (stage run), a mixture, a source corpus or an init."""
+
+    kind: str
+    label: str
+    detail: str = ""
+    run_id: str | None = None
+    children: list["Node"] = field(default_factory=list)
+
+
+class LineageError(LookupError):
+    """The run or export asked about is not in the tracking store."""
+
+
+def _experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def _find_export_run(client: Any, ref: str) -> Any:
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return client.get_run(ref)
+    runs = client.search_runs(_experiment_ids(client),
+                              filter_string=f"tags.`{PREFIX}export` = '{ref.rstrip('/')}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise LineageError(f"{ref}: no stage run in {client.tracking_uri} exported this URI")
+    return runs[0]
+
+
+def _mixture_sources(uri: str) -> list[Node]:
+    from lladav.data.manifest import open_mixture
+
+    try:
+        info = open_mixture(uri).info
+    except (OSError, ValueError) as e:
+        return [Node("source", "(mixture unreadable)", str(e))]
+    counts = info.get("counts", {}).get("by_source", {})
+    return [Node("source", f"source {s['name']}",
+                 f"{s['kind']} {scrub(s['location'])} · {counts.get(s['name'], {}).get('samples', '?')} samples")
+            for s in info["recipe"]["sources"]]
+
+
+def _stage_node(client: Any, run: Any, seen: set[str]) -> Node:
+    tags = run.data.tags
+    node = Node("export", f"stage {tags.get(f'{PREFIX}step', run.info.run_name)}",
+                f"{tags.get(f'{PREFIX}export', '(not exported)')} · run {run.info.run_id} · {run.info.status}",
+                run.info.run_id)
+    seen.add(run.info.run_id)
+    for ds in run.inputs.dataset_inputs:
+        itags = {t.key: t.value for t in ds.tags}
+        if itags.get("mlflow.data.context") != "train":
+            continue
+        import json
+
+        uri = json.loads(ds.dataset.source).get("uri", ds.dataset.source)
+        mix = Node("mixture", f"mixture {ds.dataset.name}", f"{itags.get(f'{PREFIX}digest', ds.dataset.digest)} · {uri}")
+        mix.children = _mixture_sources(uri)
+        node.children.append(mix)
+    parent = tags.get(f"{PREFIX}parent_run")
+    if parent and parent not in seen:
+        node.children.append(_stage_node(client, client.get_run(parent), seen))
+    elif tags.get(f"{PREFIX}init"):
+        node.children.append(Node("init", "init", tags[f"{PREFIX}init"]))
+    return node
+
+
+def show(ref: str, tracking_uri: str | None = None) -> Node:
+    """The lineage tree of an export (its URI) or of a stage run (its id)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    return _stage_node(client, _find_export_run(client, ref), set())
+
+
+def stages_in(node: Node) -> list[Node]:
+    """The export nodes of a tree, newest first."""
+    out = [node] if node.kind == "export" else []
+    for c in node.children:
+        out += stages_in(c)
+    return out
+
+
+def render_tree(node: Node) -> Any:
+    """A rich Tree of `node` for the terminal."""
+    from rich.tree import Tree
+
+    style = {"export": "bold", "mixture": "cyan", "source": "green", "init": "magenta"}
+
+    def add(tree: Any, n: Node) -> None:
+        branch = tree.add(f"[{style.get(n.kind, '')}]{n.label}[/]  [dim]{n.detail}[/]")
+        for c in n.children:
+            add(branch, c)
+
+    root = Tree(f"[bold]{node.label}[/]  [dim]{node.detail}[/]")
+    for c in node.children:
+        add(root, c)
+    return root
+
+
+def render_graph(node: Node, path: str | Path) -> Path:
+    """The tree as a left-to-right graph image (PNG): sources -> mixtures -> exports.
+
+    Drawn with matplotlib (an MLflow dependency) rather than graphviz, which needs a system binary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[int, Node, int | None]] = []  # (depth, node, parent row)
+
+    def walk(n: Node, depth: int, parent: int | None) -> None:
+        rows.append((depth, n, parent))
+        me = len(rows) - 1
+        for c in n.children:
+            walk(c, depth + 1, me)
+
+    walk(node, 0, None)
+    depth_max = max(d for d, _, _ in rows)
+    fig, ax = plt.subplots(figsize=(4 + 3.2 * depth_max, 0.5 + 0.45 * len(rows)))
+    colours = {"export": "#f4d58d", "mixture": "#9ad1d4", "source": "#b8e0a8", "init": "#d7b9e8"}
+    pos = {i: (d, -i) for i, (d, _, _) in enumerate(rows)}
+    for i, (_, n, parent) in enumerate(rows):
+        x, y = pos[i]
+        if parent is not None:
+            px, py = pos[parent]
+            ax.annotate("", xy=(px + 0.05, py), xytext=(x - 0.05, y),
+                        arrowprops={"arrowstyle": "->", "color": "#555"})
+        ax.text(x, y, n.label, ha="left", va="center", fontsize=8,
+                bbox={"boxstyle": "round", "fc": colours.get(n.kind, "#eee"), "ec": "#555"})
+    ax.set_xlim(-0.2, depth_max + 1.5)
+    ax.set_ylim(-len(rows), 1)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+@dataclass
+class TraceHit:
+    export: str | None
+    step: str
+    run_id: str
+    status: str
+    how: str
+    """"read N samples" (its mixture holds the records) or "descends from <step>"."""
+    samples: int = 0
+
+
+def trace(source: str, record: str | None = None, tracking_uri: str | None = None) -> list[TraceHit]:
+    """Every stage run (and its export) that trained on records of `source` (or one record of
+    it), read from the mixtures' manifests, plus the stages initialised from such an export."""
+    import json
+
+    import pyarrow.compute as pc
+    from mlflow import MlflowClient
+
+    from lladav.data.manifest import open_mixture
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    runs = client.search_runs(_experiment_ids(client), filter_string=f"tags.`{PREFIX}kind` = 'stage'")
+    by_id = {r.info.run_id: r for r in runs}
+    matched: dict[str, int] = {}
+    manifests: dict[str, Any] = {}
+    for run in runs:
+        count = 0
+        for ds in run.inputs.dataset_inputs:
+            if {t.key: t.value for t in ds.tags}.get("mlflow.data.context") != "train":
+                continue
+            uri = json.loads(ds.dataset.source).get("uri")
+            if uri not in manifests:
+                manifests[uri] = open_mixture(uri).manifest().select(["source", "source_id"])
+            table = manifests[uri]
+            mask = pc.equal(table["source"], source)
+            if record is not None:
+                mask = pc.and_(mask, pc.equal(table["source_id"], record))
+            count += int(pc.sum(mask.cast("int64")).as_py() or 0)
+        if count:
+            matched[run.info.run_id] = count
+
+    def ancestor_hit(run: Any) -> str | None:
+        seen, parent = set(), run.data.tags.get(f"{PREFIX}parent_run")
+        while parent and parent not in seen:
+            seen.add(parent)
+            if parent in matched:
+                return parent
+            p = by_id.get(parent)
+            parent = p.data.tags.get(f"{PREFIX}parent_run") if p else None
+        return None
+
+    hits = []
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags = run.data.tags
+        base = dict(export=tags.get(f"{PREFIX}export"), step=tags.get(f"{PREFIX}step", run.info.run_name),
+                    run_id=run.info.run_id, status=run.info.status)
+        if run.info.run_id in matched:
+            n = matched[run.info.run_id]
+            hits.append(TraceHit(**base, how=f"read {n} sample{'s' if n != 1 else ''}", samples=n))
+        elif (anc := ancestor_hit(run)) is not None:
+            hits.append(TraceHit(**base, how=f"descends from {by_id[anc].data.tags.get(f'{PREFIX}step')} ({anc[:8]})"))
+    return hits

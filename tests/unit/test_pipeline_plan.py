@@ -1,0 +1,103 @@
+"""Pipeline configs and step keys, without running anything: what reruns when something changes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lladav import storage
+from lladav.config import ConfigError, load_pipeline, parse_pipeline
+from lladav.pipeline import plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+from pipeline_files import write_pipeline  # noqa: E402
+
+
+def keys(path: Path) -> dict[str, str]:
+    return {p.name: p.key for p in plan(load_pipeline(path))}
+
+
+@pytest.fixture
+def files(tmp_path, synth_dir) -> Path:
+    return write_pipeline(tmp_path / "p", synth_dir, storage=str(tmp_path / "store"), tracking_uri=None)
+
+
+def edit(path: Path, fn) -> None:
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_a_learning_rate_change_rekeys_that_stage_and_everything_after(files):
+    before = keys(files)
+    edit(files, lambda d: d["steps"][4]["overrides"].update({"trainable": {"language_model": 1e-3}}))
+    after = keys(files)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"stage2", "stage3", "eval"}
+
+
+def test_a_recipe_change_rekeys_its_build_and_the_stages_that_read_it(files):
+    before = keys(files)
+    edit(files.parent / "mix_stage1.yaml", lambda d: d.update(seed=1))
+    after = keys(files)
+    assert {k for k in before if before[k] != after[k]} == {"mix-stage1", "stage1", "stage2", "stage3", "eval"}
+
+
+def test_where_outputs_go_is_not_part_of_a_key(files, tmp_path):
+    before = keys(files)
+    edit(files, lambda d: d.update(storage=str(tmp_path / "elsewhere")))
+    assert keys(files) == before
+
+
+def test_states_follow_the_step_folder_markers(files):
+    steps = {p.name: p for p in plan(load_pipeline(files))}
+    assert {p.state for p in steps.values()} == {"pending"}
+    storage.write_bytes(storage.join(steps["stage1"].folder, "started.json"), b'{"run_id": "r1"}')
+    storage.write_bytes(storage.join(steps["mix-stage1"].folder, "done.json"),
+                        json.dumps({"key": steps["mix-stage1"].key, "run_id": "r0"}).encode())
+    again = {p.name: p for p in plan(load_pipeline(files))}
+    assert again["mix-stage1"].state == "done" and again["mix-stage1"].record["run_id"] == "r0"
+    assert again["stage1"].state == "interrupted"
+    assert again["stage2"].state == "pending"
+    # after a change, the folder of the old key still tells what finished before
+    edit(files.parent / "mix_stage1.yaml", lambda d: d.update(seed=1))
+    changed = {p.name: p for p in plan(load_pipeline(files))}["mix-stage1"]
+    assert changed.state == "pending" and changed.previous == steps["mix-stage1"].key
+
+
+def test_stage_outputs_and_inputs_are_wired_from_the_steps(files):
+    steps = {p.name: p for p in plan(load_pipeline(files))}
+    s2 = steps["stage2"].config
+    assert s2.mixture == storage.join(steps["mix-stage2"].folder, "mixture")
+    assert s2.init.export == storage.join(steps["stage1"].folder, "export") and s2.init.flavor is None
+    assert s2.output == storage.join(steps["stage2"].folder, "export")
+    assert s2.checkpoint.uri == storage.join(steps["stage2"].folder, "checkpoints")
+    assert steps["stage1"].config.init.flavor == "tiny"
+
+
+def base(**step) -> dict:
+    return {"name": "p", "steps": [{"name": "mix", "kind": "data", "recipe": "r.yaml"}, step]}
+
+
+@pytest.mark.parametrize("step, message", [
+    ({"name": "s", "kind": "stage", "stage": "s.yaml", "mixture": "nope"}, "mixture 'nope' must name an earlier step"),
+    ({"name": "s", "kind": "stage", "stage": "s.yaml", "mixture": "mix", "init": "mix"}, "init 'mix' is a data step, expected a stage step"),
+    ({"name": "mix", "kind": "data", "recipe": "r.yaml"}, "step name 'mix' is used twice"),
+    ({"name": "e", "kind": "eval", "model": "mix", "heldout": "/x"}, "model 'mix' is a data step"),
+    ({"name": "s", "kind": "stage", "stage": "s.yaml", "lr": 1}, "steps.1.stage.lr: unknown key"),
+    ({"name": "s", "kind": "train", "stage": "s.yaml"}, "steps.1"),
+])
+def test_bad_pipelines_name_the_step_and_the_reason(step, message):
+    with pytest.raises(ConfigError) as err:
+        parse_pipeline(base(**step), "pipe.yaml")
+    assert "pipe.yaml" in str(err.value) and message in str(err.value)
+
+
+def test_a_bad_stage_file_fails_the_plan_naming_that_file(files):
+    edit(files.parent / "stage2.yaml", lambda d: d.update(micro_batch=0))
+    with pytest.raises(ConfigError, match=r"stage2\.yaml.*\n.*micro_batch"):
+        plan(load_pipeline(files))
