@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -156,10 +157,18 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
 
 # ---- MLflow: a tracking server in a subprocess, artifacts on the moto S3 endpoint -------------
 
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str
+    db: Path
+    """The server's SQLite file (tests read it raw to look for leaked secrets)."""
+    artifacts: str = "s3://mlflow-artifacts"
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` with a SQLite backend and proxied artifacts in s3://mlflow-artifacts;
-    yields its URL. The job runner is off (FEASIBILITY §5: 2 processes instead of 10), and the
+def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """`mlflow server` with a SQLite backend and proxied artifacts in s3://mlflow-artifacts.
+    The job runner is off (FEASIBILITY §5: 2 processes instead of 10), and the
     client gives up at once on a dead server instead of retrying for minutes at exit."""
     import boto3
 
@@ -181,7 +190,7 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"})
     try:
         _wait_until_answering(f"{url}/health", proc, log, timeout=90)
-        yield url
+        yield MlflowServer(url, root / "mlflow.db")
     finally:
         for k, v in saved.items():
             if v is None:

@@ -1,0 +1,178 @@
+"""Pipelines end to end on the real boundaries: Ray Train stages, S3 storage, an MLflow server.
+
+    test_pipeline_lineage_and_reruns   3 builds -> 3 stages -> eval, on S3 + `mlflow server`:
+                                       lineage show/trace, no secret anywhere, a rerun skips all,
+                                       a changed lr reruns that stage and what follows only
+    test_a_killed_pipeline_resumes     SIGKILL during a stage; the rerun keeps the finished build
+                                       and continues the stage from its last checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lladav import lineage, storage
+from lladav.config import load_pipeline
+from lladav.pipeline import plan, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_files import write_pipeline  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+SECRET = "s3cr3t-Zq8v1LmT0kEn-4lladav"
+
+
+def step_runs(client, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("lladav.kind") != "pipeline"]
+
+
+def done_bytes(steps) -> dict[str, bytes]:
+    return {p.name: storage.read_bytes(storage.join(p.folder, "done.json")) for p in steps}
+
+
+def record_id(corpus: Path, file: str, index: int) -> str:
+    return json.loads((corpus / "corpus" / file).read_text())[index]["id"]
+
+
+def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("LLADAV_TEST_API_TOKEN", SECRET)  # a credential the process can see
+    host = mlflow_server.url.split("://", 1)[1]
+    # ...and one pasted into the config itself, as users do with URLs
+    tracking = f"http://lladav:{SECRET}@{host}"
+    path = write_pipeline(tmp_path / "p", synth_dir, storage=f"{s3_bucket}/pipe", tracking_uri=tracking)
+    client = MlflowClient(mlflow_server.url)
+
+    first = {p.name: p for p in run(load_pipeline(path))}
+    assert all(p.state == "done" for p in first.values())
+    evaluation = first["eval"].record["outputs"]
+    assert evaluation["n"] == 3 and 0.0 <= evaluation["accuracy"] <= 1.0
+    assert evaluation["export"] == first["stage3"].record["outputs"]["export"]
+    assert first["stage3"].record["outputs"]["export"].startswith(s3_bucket)
+
+    # lineage show: the three stage runs, their mixtures' digests and the source corpora
+    export = first["stage3"].record["outputs"]["export"]
+    tree = lineage.show(export, mlflow_server.url)
+    stages = lineage.stages_in(tree)
+    assert [n.run_id for n in stages] == [first[s].record["run_id"] for s in ("stage3", "stage2", "stage1")]
+    text = json.dumps(tree, default=vars)
+    for mix, (source, file) in zip(("mix-stage1", "mix-stage2", "mix-stage3"),
+                                   (("captions", "captions.json"), ("qa", "qa.json"),
+                                    ("reasoning", "reasoning.json"))):
+        assert first[mix].record["outputs"]["digest"] in text
+        assert f"source {source}" in text and str(synth_dir / "corpus" / file) in text
+    assert "flavor=tiny" in text
+    artifacts = [a.path for a in client.list_artifacts(first["stage3"].record["run_id"], "lineage")]
+    assert artifacts == ["lineage/lineage.png"]
+    versions = client.search_model_versions("name='ptest-stage3'")
+    assert [v.source for v in versions] == [export]
+
+    # lineage trace: exactly the exports whose stages read the record, and their descendants
+    hits = lineage.trace("qa", record_id(synth_dir, "qa.json", 5), mlflow_server.url)
+    read = {h.export for h in hits if h.how.startswith("read")}
+    descends = {h.export for h in hits if h.how.startswith("descends")}
+    assert read == {first["stage2"].record["outputs"]["export"]}
+    assert descends == {export}
+    hits = lineage.trace("captions", record_id(synth_dir, "captions.json", 0), mlflow_server.url)
+    assert {h.export for h in hits if h.how.startswith("read")} == {first["stage1"].record["outputs"]["export"]}
+    assert lineage.trace("qa", "no-such-record", mlflow_server.url) == []
+
+    # no secret anywhere: the store's raw bytes and every artifact object
+    assert SECRET.encode() not in mlflow_server.db.read_bytes()
+    for uri in storage.list_uris(mlflow_server.artifacts):
+        assert SECRET.encode() not in storage.read_bytes(uri), uri
+    parent = client.get_run(client.get_run(first["stage1"].record["run_id"]).data.tags["mlflow.parentRunId"])
+    assert parent.data.params["pipeline.mlflow.tracking_uri"] == f"http://***@{host}"
+    assert client.get_run(first["stage1"].record["run_id"]).data.params["stage.trainable.projector"] == "0.003"
+
+    # a second run skips every step
+    before = done_bytes(first.values())
+    n_runs = len(step_runs(client, "ptest"))
+    second = run(load_pipeline(path))
+    assert all(p.state == "done" for p in second)
+    assert len(step_runs(client, "ptest")) == n_runs
+    assert done_bytes(second) == before
+
+    # a new learning rate for stage 2 reruns stage 2, stage 3 and the eval, not the builds or stage 1
+    data = yaml.safe_load(path.read_text())
+    data["steps"][4]["overrides"] = {"trainable": {"language_model": 1e-3}}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    third = {p.name: p for p in run(load_pipeline(path))}
+    after = done_bytes(third.values())
+    assert {k for k in before if before[k] != after[k]} == {"stage2", "stage3", "eval"}
+    old_ids = {json.loads(b)["run_id"] for b in before.values()}
+    new_runs = [r for r in step_runs(client, "ptest") if r.info.run_id not in old_ids]
+    assert sorted(r.data.tags["lladav.step"] for r in new_runs) == ["eval", "stage2", "stage3"]
+    rerun2 = client.get_run(third["stage2"].record["run_id"])
+    assert rerun2.data.tags["lladav.parent_run"] == first["stage1"].record["run_id"]
+    assert rerun2.data.params["stage.trainable.language_model"] == "0.001"
+
+
+def metric_steps(db: Path, run_id: str) -> list[int]:
+    """The `step` metric's history of a run, in logging order, read straight from SQLite."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT value FROM metrics WHERE run_uuid = ? AND key = 'step' "
+                            "ORDER BY timestamp, step", (run_id,)).fetchall()
+    return [int(v) for (v,) in rows]
+
+
+def test_a_killed_pipeline_resumes_from_the_stage_checkpoint(tmp_path, synth_dir, ray_cluster):
+    db = tmp_path / "mlflow.db"
+    path = write_pipeline(tmp_path / "p", synth_dir, storage=str(tmp_path / "store"),
+                          tracking_uri=f"sqlite:///{db}", steps=40, every=4, name="killed")
+    data = yaml.safe_load(path.read_text())
+    data["steps"] = data["steps"][:1] + data["steps"][3:4]  # mix-stage1 -> stage1
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    steps = {p.name: p for p in plan(load_pipeline(path))}
+    started = storage.join(steps["stage1"].folder, "started.json")
+    checkpoints = Path(steps["stage1"].folder) / "checkpoints"
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "lladav"), "pipeline", "run", str(path)],
+                            env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            if storage.exists(started):
+                run_id = json.loads(storage.read_bytes(started))["run_id"]
+                if max(metric_steps(db, run_id), default=0) >= 6:  # a checkpoint at 4 is behind it
+                    break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the stage did not reach step 6 in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = max(metric_steps(db, run_id))
+    assert killed_at < 40
+    assert any(checkpoints.rglob("*")), "no checkpoint was written before the kill"
+    build_done = storage.read_bytes(storage.join(steps["mix-stage1"].folder, "done.json"))
+    assert {p.name: p.state for p in plan(load_pipeline(path))} == {"mix-stage1": "done", "stage1": "interrupted"}
+    time.sleep(2)  # let Ray notice the dead driver and free its worker's CPU
+
+    resumed = {p.name: p for p in run(load_pipeline(path))}
+    assert resumed["stage1"].state == "done" and resumed["stage1"].record["run_id"] == run_id
+    assert resumed["stage1"].record["outputs"]["steps"] == 40
+    assert storage.read_bytes(storage.join(steps["mix-stage1"].folder, "done.json")) == build_done
+    history = metric_steps(db, run_id)
+    assert history.count(1) == 1, "the stage restarted from step 1"
+    restart = next(i for i in range(1, len(history)) if history[i] <= history[i - 1])
+    resumed_from = history[restart] - 1
+    assert resumed_from % 4 == 0 and 4 <= resumed_from <= killed_at
+    assert history[-1] == 40 and history[restart:] == list(range(resumed_from + 1, 41))
