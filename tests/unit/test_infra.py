@@ -190,7 +190,8 @@ def test_mlflow_compose_uses_postgres_and_s3_from_the_environment():
     argv = services["mlflow"]["command"]
     assert argv[:2] == ["mlflow", "server"]
     assert any(a.startswith("--artifacts-destination=${") for a in argv)
-    env = dict(e.split("=", 1) if "=" in e else (e, None) for e in services["mlflow"]["environment"])
+    env = dict(e.split("=", 1) if "=" in e else (e, None)
+               for e in services["mlflow"]["environment"])
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     for name, value in env.items():
         if SECRET_NAME.search(name):
@@ -230,11 +231,11 @@ def literal_secrets(text: str) -> list[str]:
     ("--backend-store-uri postgresql://mlflow:hunter2@db:5432/mlflow", True),
     ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG", True),
     ("POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?set it}", False),
-    ("- MLFLOW_BACKEND_STORE_URI=postgresql://${USER}:${POSTGRES_PASSWORD:?set it}@db/mlflow", False),
+    ("- DB_URI=postgresql://${USER}:${POSTGRES_PASSWORD:?set it}@db/mlflow", False),
     ("export POSTGRES_PASSWORD=... AWS_SECRET_ACCESS_KEY=...", False),
     ("# export POSTGRES_PASSWORD=hunter2hunter2", True),
     ("# Credentials only from Secrets: the database user", False),
-    ("value: postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow", False),
+    ("value: postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mlflow-postgres/mlflow", False),
     ("secretKeyRef: {name: mlflow-postgres, key: password}", False),
     ('--from-literal=password="$MLFLOW_DB_PASSWORD"', False),
 ])
@@ -255,7 +256,8 @@ def test_kubernetes_credentials_come_only_from_secrets():
             for name, entry in _env(c).items():
                 if SECRET_NAME.search(name):
                     assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], (
-                        f"{doc['kind']} {doc['metadata']['name']}: env {name} must come from a Secret")
+                        f"{doc['kind']} {doc['metadata']['name']}: env {name} must come "
+                        "from a Secret")
 
 
 def _named_images() -> set[str]:
@@ -276,7 +278,7 @@ def test_images_are_the_ones_infra_readme_documents():
     for image in images:
         assert f"`{image}`" in readme, f"{image} is used but infra/README.md does not name it"
         if image.startswith("YOUR-REGISTRY/"):
-            assert image in built, f"{image}: infra/README.md does not say which Dockerfile builds it"
+            assert image in built, f"{image}: infra/README.md does not say what builds it"
     for image, dockerfile in built.items():
         assert image in images and (ROOT / dockerfile).is_file(), image
     # Tags follow the versions they package.
