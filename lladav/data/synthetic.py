@@ -170,7 +170,9 @@ def synth_corpus(out_dir: str | Path, *, n_train: int = 600, n_heldout: int = 90
                                 [("Describe the image briefly.", caption(meta))], meta))
         first = factors[i % 3]                       # question kinds cycle: balanced
         turns = [(question(first), meta[first])]
-        if i % 3 == 1:                               # a third of the records are two-turn
+        # A third of the records are two-turn, chosen across the question kinds: tied to one kind
+        # (i % 3), that kind would never be a record's last question, as every held-out one is.
+        if (i // 3) % 3 == 1:
             second = rng.choice([f for f in factors if f != first])
             turns.append((question(second), meta[second]))
         qa.append(_record(f"qa-{i:05d}", image, turns, meta))

@@ -137,6 +137,21 @@ def test_texts_state_the_meta(synth):
         assert final in r["meta"].values() and final in answer.rsplit("Answer: ", 1)[0], r["id"]
 
 
+def test_every_factor_is_asked_alone_as_heldout_asks_it(synth):
+    # A held-out record is one question about an image; training must hold that shape for every
+    # factor, or the model learns that some factor is never the last question of a conversation.
+    alone, last = Counter(), Counter()
+    for r in _load(synth, "qa.json"):
+        if "meta" not in r:
+            continue
+        turns = r["conversations"]
+        factor = next(f for f, words in FACTORS.items() if all(w in turns[-2]["value"] for w in words))
+        last[factor] += 1
+        alone[factor] += len(turns) == 2
+    assert set(alone) == set(FACTORS) and min(alone.values()) >= N_TRAIN // 6, alone
+    assert max(last.values()) <= 2 * min(last.values()), last
+
+
 def test_heldout_answers_are_choices_and_balanced(synth):
     records = _load(synth, "heldout.json")
     for r in records:
