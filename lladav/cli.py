@@ -216,7 +216,12 @@ def pipeline_plan(pipeline: Path = typer.Argument(..., help="Pipeline YAML (pipe
     from lladav.pipeline import plan
 
     with _known_errors():
-        console.print(_plan_table(plan(load_pipeline(pipeline))))
+        steps = plan(load_pipeline(pipeline))
+    console.print(_plan_table(steps))
+    unknown = [p for p in steps if p.state == "unknown"]
+    if unknown:
+        console.print(f"[yellow]state unknown[/] (the configs are valid): {unknown[0].record['error']}",
+                      highlight=False)
 
 
 @pipeline_app.command("status")

@@ -53,7 +53,7 @@ class PlannedStep:
     identity: dict[str, Any]
     """What the key digests."""
     state: str = "pending"
-    """done | interrupted | pending"""
+    """done | interrupted | pending | unknown (storage unreachable)"""
     record: dict[str, Any] | None = None
     """done.json (done) or started.json (interrupted)."""
     previous: str | None = None
@@ -136,6 +136,15 @@ def _merge_over(overrides: dict[str, Any], pipeline_set: dict[str, Any]) -> dict
 
 
 def _read_state(p: PlannedStep, root: str) -> None:
+    """Fill p.state from the step folder. Unreachable storage (no credentials on a laptop
+    planning a cluster pipeline) leaves the state "unknown": the plan still validates."""
+    try:
+        _read_markers(p, root)
+    except (storage.StorageError, FileNotFoundError) as e:
+        p.state, p.record = "unknown", {"error": str(e)}
+
+
+def _read_markers(p: PlannedStep, root: str) -> None:
     for name, state in ((DONE, "done"), (STARTED, "interrupted")):
         uri = storage.join(p.folder, name)
         if storage.exists(uri):

@@ -101,3 +101,47 @@ def test_a_bad_stage_file_fails_the_plan_naming_that_file(files):
     edit(files.parent / "stage2.yaml", lambda d: d.update(micro_batch=0))
     with pytest.raises(ConfigError, match=r"stage2\.yaml.*\n.*micro_batch"):
         plan(load_pipeline(files))
+
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def test_the_papers_pipeline_plans_typed_and_chained(monkeypatch):
+    from typer.testing import CliRunner
+
+    from lladav.cli import app
+
+    steps = {p.name: p for p in plan(load_pipeline(REPO / "pipelines" / "llada_v.yaml"))}
+    stages = [p for p in steps.values() if p.kind == "stage"]
+    assert [p.name for p in stages] == ["stage1", "stage2a", "stage2b", "stage3a", "stage3b"]
+    first = stages[0].config
+    assert first.init.language_model and first.init.vision_tower
+    assert first.trainable.model_dump() == {"vision_tower": None, "projector": 1e-3, "language_model": None}
+    for before, after in zip(stages, stages[1:]):
+        assert after.config.init.export == storage.join(before.folder, "export")
+        assert after.config.trainable.vision_tower == 2e-6 and after.config.trainable.language_model == 1e-5
+    for p in stages:
+        assert p.config.mixture.endswith("/mixture") and steps[p.step.mixture].kind == "data"
+    # the CLI validates it without storage credentials: states are "unknown", exit 0
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    result = CliRunner().invoke(app, ["pipeline", "plan", str(REPO / "pipelines" / "llada_v.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "stage3b" in result.output and "the configs are valid" in result.output
+
+
+def test_a_broken_reference_in_the_papers_pipeline_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from lladav.cli import app
+
+    data = yaml.safe_load((REPO / "pipelines" / "llada_v.yaml").read_text())
+    data["steps"][-2]["init"] = "stage9"
+    bad = REPO / "pipelines" / f".bad-{tmp_path.name}.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    try:
+        result = CliRunner().invoke(app, ["pipeline", "plan", str(bad)])
+    finally:
+        bad.unlink()
+    assert result.exit_code == 2 and "init 'stage9' must name an earlier step" in result.output
