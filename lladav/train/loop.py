@@ -37,7 +37,7 @@ class WorkerContext:
     rank: int
     world_size: int
     report: Callable[[dict[str, Any], str | None], None]
-    """report(metrics, checkpoint_dir or None): every rank calls it at every optimizer step."""
+    """report(metrics, checkpoint_dir): every rank calls it at each checkpoint (and the last step)."""
     restore_dir: str | None = None
     """A local folder holding the checkpoint to resume from (all ranks' shards), or None."""
     on_step: Callable[[int, int, dict], None] | None = None
@@ -126,8 +126,9 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
                     with open(os.path.join(folder, f"ledger-rank{ctx.rank}.json"), "w") as f:
                         json.dump(ledger, f)  # the samples this rank consumed, for audits
                     ctx.report(report, folder)
-            else:
-                ctx.report(report, None)
+            # No report between checkpoints: Ray Train V2 takes one result per controller poll
+            # (every 2 s), so reporting every step made each step wait for the poll (bench/
+            # train_step.py measured ~2 s per tiny step). Per-step metrics go to on_step.
             if step >= total:
                 break
     return {"step": step, "ledger": ledger}
