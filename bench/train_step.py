@@ -24,16 +24,18 @@ Three figures in one run (issue 4's last acceptance point):
                  batch 8, without and with group_by_length (window 32 batches), epochs 0-3.
                  Target: <= 5% with grouping.
 
-Reading the overhead: a lladav step near 2 s whatever the model is Ray Train V2's report path, not
-the loop's work. ray.train.report puts each result on a queue of size 1 that the controller drains
-once per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s), so a loop that reports every step
-waits for the poll (py-spy on the worker: ~90% of the training thread in Queue.put).
+Reading the overhead: if a lladav step sits near 2 s whatever the model, look at Ray Train V2's
+report path. ray.train.report puts each result on a queue of size 1 that the controller drains once
+per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s), so a loop reporting every step waits for
+the poll: that was +2100% here (py-spy: ~90% of the training thread in Queue.put) until
+train/loop.py reported only at checkpoints (c5f18d8). Rounds are cheap since then; 4 by default,
+as single rounds on this shared 2-core machine vary by +-20%.
 
 The mixtures are built by lladav's own `build` from a Recipe over generated LLaVA JSON corpora,
 under bench/out/train_step/ (kept between runs: an identical rebuild is a no-op). Exit code 0 only
 if every target is met.
 
-    .venv/bin/python bench/train_step.py [--steps 40] [--warmup 8] [--rounds 2] [--samples 2048]
+    .venv/bin/python bench/train_step.py [--steps 40] [--warmup 8] [--rounds 4] [--samples 2048]
 """
 
 from __future__ import annotations
@@ -357,7 +359,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=8, help="steps dropped at the start")
-    parser.add_argument("--rounds", type=int, default=2, help="bare/lladav pairs (ABBA order)")
+    parser.add_argument("--rounds", type=int, default=4, help="bare/lladav pairs (ABBA order)")
     parser.add_argument("--samples", type=int, default=2048, help="stage-2-like mixture size")
     parser.add_argument("--bare", nargs=2, metavar=("STAGE_JSON", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
