@@ -50,6 +50,12 @@ def _worker_entry(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         checkpoint = Checkpoint.from_directory(folder) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            # Train V2 passes results to the controller through a one-slot queue drained once
+            # per poll (2 s). A second report returns only when the checkpoint's result has been
+            # taken, so a worker lost right after a checkpoint still resumes from it. The loop
+            # reports only at checkpoints, so this wait is paid per checkpoint, not per step.
+            ray.train.report(metrics)
 
     restored = ray.train.get_checkpoint() or config.get("resume_from")
     if restored is None:
