@@ -4,7 +4,7 @@
        the tiny tower; ~150M parameters, 600 MB fp32) built under zero.Init, one optimizer
        step, `engine.save_checkpoint` (2 x ~0.9 GB of optimizer shards).
     2. in a fresh process each, peak RSS (getrusage ru_maxrss) of
-       (a) stream:    lladav.train.engine.export_consolidated(ckpt, out, config)
+       (a) stream:    lladav.train.export.export_consolidated(ckpt, out, config)
        (b) deepspeed: get_fp32_state_dict_from_zero_checkpoint(ckpt) + safetensors save_file
     3. both outputs compared tensor by tensor.
 
@@ -89,7 +89,7 @@ def measure(method: str, ckpt: Path, dest: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from lladav.model.lladav import LLaDAVConfig
-    from lladav.train.engine import export_consolidated
+    from lladav.train.export import export_consolidated
 
     config = LLaDAVConfig.from_pretrained(ckpt)
     baseline = rss_now()

@@ -2,7 +2,7 @@
 
     TorchTrainer(ScalingConfig(workers, GPUs, resources), RunConfig(name, storage, FailureConfig,
     CheckpointConfig)) -> each worker: train/loop.run_worker -> checkpoints to the storage URI
-    -> after fit: the last checkpoint -> engine.export_consolidated -> the stage's output URI
+    -> after fit: the last checkpoint -> export.export_consolidated -> the stage's output URI
 
 Resuming: a lost worker makes Ray Train restart the whole group (up to `max_failures` times);
 each new worker finds the last reported checkpoint with `ray.train.get_checkpoint()` and the
@@ -85,7 +85,7 @@ def run_stage(stage: StageConfig, *, run_name: str | None = None,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lladav.model.lladav import LLaDAVConfig
-    from lladav.train.engine import export_consolidated
+    from lladav.train.export import export_consolidated
     from lladav.train.loop import mixture_tokenizer
 
     ensure_ray()

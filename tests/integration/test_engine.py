@@ -110,7 +110,7 @@ def _logits(model, ids):
 
 def test_streamed_export_loads_in_transformers_with_the_engines_logits(run, tmp_path):
     from lladav.model.lladav import LLaDAVConfig, LLaDAVModel
-    from lladav.train.engine import export_consolidated
+    from lladav.train.export import export_consolidated
 
     out, _ = run
     config = LLaDAVConfig.from_pretrained(out / "final")
@@ -142,7 +142,7 @@ def test_streamed_export_loads_in_transformers_with_the_engines_logits(run, tmp_
 def test_export_to_s3_round_trips(run, s3_bucket):
     from lladav import storage
     from lladav.model.lladav import LLaDAVConfig, LLaDAVModel
-    from lladav.train.engine import export_consolidated
+    from lladav.train.export import export_consolidated
 
     out, _ = run
     uri = f"{s3_bucket}/exports/tiny"
