@@ -331,12 +331,14 @@ def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     lin.log_config(run_id, "eval", step.model_dump(mode="json"))
     settings = SamplerSettings(gen_length=step.gen_length, block_length=step.gen_length,
                                steps=step.steps or step.gen_length, threshold=step.threshold)
-    result = evaluate_heldout(export, heldout, settings, limit=step.limit)
+    result = evaluate_heldout(export, heldout, settings, limit=step.limit, progress=ctx.progress(p.name))
     lin.log_metrics(run_id, {"heldout_accuracy": result.accuracy, "heldout_n": result.n,
-                             "chance": result.chance}, step=0)
+                             "chance": result.chance,
+                             **{f"heldout_accuracy_{k}": v for k, v in result.by_factor.items()}}, step=0)
     lin.log_text(run_id, "eval/samples.json", json.dumps(result.samples, indent=2))
     for s in result.samples[:12]:  # a few images beside their answers, for a human look
-        lin.log_file(run_id, s["image"], "eval/images")
+        if s["image"]:
+            lin.log_file(run_id, s["image"], "eval/images")
     if step.min_accuracy is not None and result.accuracy < step.min_accuracy:
         raise RuntimeError(f"eval {p.name}: held-out accuracy {result.accuracy:.1%} is below "
                            f"min_accuracy {step.min_accuracy:.0%}")
