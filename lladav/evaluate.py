@@ -1,23 +1,37 @@
-"""Held-out accuracy of an export: unseen images, one question each, answered with the sampler.
+"""Held-out accuracy of an export: every unseen image's question answered by the sampler, scored.
 
-The held-out format is the synthetic corpus's heldout.json (data/synthetic.py): LLaVA records
-with `answer` (one word) and `choices`; chance is 1 / len(choices). The question is asked the
-short way (`/no_think`, the tag stage 3 trains for direct answers), and an answer counts when
-its text, lower-cased and without surrounding spaces or a final full stop, is the expected word.
+    <corpus>/heldout.json + images --load(export)--> answer(question + suffix) per record
+    --score_answer--> EvalResult(accuracy, n, chance, samples)
 
-Owns: reading heldout.json, scoring, the per-sample records the pipeline logs to MLflow.
-Does not own: loading and prompting the model (inference.py) or the sampling rules (sampler.py).
+A held-out record is a LLaVA record (data/synthetic.py writes them) with one question about one
+image, its expected `answer` and the `choices` it was asked among. An answer is right when its
+final word is the expected one and nothing else is said: the text is lowercased, stripped of
+surrounding whitespace and of a final full stop, and a reasoning-style answer ("... Answer: red")
+is judged on what follows its last "Answer:". "Red." is right; "red or blue", "" and another
+choice are wrong. `chance` is the mean of 1/len(choices): what picking a choice at random scores.
+
+The question gets `suffix` appended, " /no_think" by default: the final stage trains direct
+answers under that tag and makes reasoning the untagged default (the paper's 3b mix), and a
+held-out question wants one word.
+
+Owns: reading held-out records, the prompt suffix, the scoring rule and the per-sample record a
+pipeline logs. Does not own: sampling (sampler.py, inference.py), the corpus (data/synthetic.py)
+or MLflow (pipeline.py logs `samples`).
 """
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from lladav import storage
+from lladav.inference import SamplerSettings
+
 NO_THINK = " /no_think"
+# One word and its end-of-turn: 8 positions leave room for a longer word or a stray token.
+DEFAULT_SETTINGS = SamplerSettings(gen_length=8, block_length=8, steps=8)
 
 
 @dataclass
@@ -25,46 +39,53 @@ class EvalResult:
     accuracy: float
     n: int
     chance: float
-    by_factor: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
-    """One per question: image (local path), question, answer, expected, correct, passes."""
+    """Per question: image (path or URI), question, answer (the model's text), expected,
+    correct, choices, forward_passes."""
 
 
-def is_correct(answer: str, expected: str) -> bool:
-    return answer.strip().rstrip(".").strip().lower() == expected.strip().lower()
+def final_answer(text: str) -> str:
+    """The part of an answer that is scored: after the last "Answer:", lowercased, stripped of
+    whitespace and a final full stop."""
+    tail = text.rsplit("Answer:", 1)[-1]
+    return tail.strip().lower().removesuffix(".").strip()
 
 
-def evaluate_heldout(export: str, heldout_dir: str, settings: Any = None, *,
-                     limit: int | None = None, suffix: str = NO_THINK,
-                     progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
-    """Answer every question of `heldout_dir`/heldout.json (folder or URI) with `export`."""
+def score_answer(text: str, expected: str) -> bool:
+    return final_answer(text) == expected.strip().lower()
+
+
+def _question(record: dict[str, Any]) -> str:
+    turns = record["conversations"]
+    if not turns or turns[0].get("from") not in ("human", "user"):
+        raise ValueError(f"held-out record {record.get('id')!r}: the first turn must be the question")
+    return turns[0]["value"]
+
+
+def evaluate_heldout(export: str, corpus_dir: str, settings: SamplerSettings | None = None,
+                     limit: int | None = None, suffix: str = NO_THINK) -> EvalResult:
+    """Answer the first `limit` (default: all) questions of corpus_dir/heldout.json with the
+    export (folder or URI) and score them; images resolve against corpus_dir (folder or URI)."""
     from PIL import Image
 
-    from lladav import storage
-    from lladav.inference import SamplerSettings, answer, load
+    from lladav.inference import answer, load
 
-    settings = settings or SamplerSettings(gen_length=8, block_length=8, steps=8)
+    records = json.loads(storage.read_bytes(storage.join(corpus_dir, "heldout.json")))
+    records = records[:limit] if limit is not None else records
+    if not records:
+        raise ValueError(f"{corpus_dir}/heldout.json: no held-out questions to evaluate")
     model, tok = load(export)
-    samples: list[dict[str, Any]] = []
-    by_factor: dict[str, list[bool]] = {}
-    with storage.local_folder(heldout_dir) as folder:
-        records = json.loads((Path(folder) / "heldout.json").read_text())[:limit]
-        for i, rec in enumerate(records):
-            image_path = Path(folder) / rec["image"]
-            question = rec["conversations"][0]["value"] + suffix
-            with Image.open(image_path) as img:
-                out = answer(model, tok, [img.convert("RGB")], question, settings)
-            ok = is_correct(out.text, rec["answer"])
-            by_factor.setdefault(rec.get("factor", "all"), []).append(ok)
-            samples.append({"id": rec["id"], "image": str(image_path), "question": question,
-                            "answer": out.text, "expected": rec["answer"], "correct": ok,
-                            "forward_passes": out.forward_passes})
-            if progress:
-                progress("eval", i + 1, len(records))
-        n = len(samples)
-        chance = sum(1 / len(r["choices"]) for r in records) / max(n, 1)
-        result = EvalResult(sum(s["correct"] for s in samples) / max(n, 1), n, chance,
-                            {k: sum(v) / len(v) for k, v in sorted(by_factor.items())}, samples)
-        if storage.is_s3(heldout_dir):  # the local copy goes away: keep the images the caller logs
-            result.samples = [dict(s, image=None) for s in samples]
-    return result
+    settings = settings or DEFAULT_SETTINGS
+    samples = []
+    for record in records:
+        image_uri = storage.join(corpus_dir, record["image"])
+        image = Image.open(io.BytesIO(storage.read_bytes(image_uri))).convert("RGB")
+        question = _question(record) + suffix
+        out = answer(model, tok, [image], question, settings)
+        samples.append({"id": record.get("id"), "image": image_uri, "question": question,
+                        "answer": out.text, "expected": record["answer"],
+                        "correct": score_answer(out.text, record["answer"]),
+                        "choices": record["choices"], "forward_passes": out.forward_passes})
+    n = len(samples)
+    return EvalResult(accuracy=sum(s["correct"] for s in samples) / n, n=n,
+                      chance=sum(1 / len(s["choices"]) for s in samples) / n, samples=samples)

@@ -1,43 +1,95 @@
-"""Held-out scoring: the answer rule, chance, and the records logged per question."""
+"""Held-out evaluation: the scoring rule, the counts, and that samples are the sampler's answers."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from lladav.evaluate import evaluate_heldout, is_correct
+from lladav.data.conversation import ChatTokenizer
+from lladav.evaluate import NO_THINK, evaluate_heldout, final_answer, score_answer
+from lladav.inference import SamplerSettings, answer, load
+from lladav.model.flavors import lladav_config
+from lladav.model.lladav import LLaDAVModel
+
+SETTINGS = SamplerSettings(gen_length=4, block_length=4, steps=4)
 
 
-@pytest.mark.parametrize("answer, expected, ok", [
-    ("red", "red", True), (" Red.", "red", True), ("red circle", "red", False),
-    ("", "red", False), ("blue", "red", False), ("left.", "left", True)])
-def test_the_answer_rule(answer, expected, ok):
-    assert is_correct(answer, expected) is ok
-
-
-def test_a_random_model_is_scored_on_every_question(tmp_path, synth_dir):
-    from lladav.data.conversation import ChatTokenizer
-    from lladav.inference import SamplerSettings
-    from lladav.model.flavors import lladav_config
-    from lladav.model.lladav import LLaDAVModel
-
-    tok = ChatTokenizer.from_folder(synth_dir / "tokenizer")
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny_tokenizer) -> str:
+    tok = ChatTokenizer.from_folder(tiny_tokenizer)
     torch.manual_seed(0)
     model = LLaDAVModel(lladav_config("tiny", vocab_size=len(tok.tokenizer), bos_token_id=tok.bos_id,
                                       eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
                                       mask_token_id=tok.mask_id))
-    model.save_pretrained(tmp_path / "export")
-    tok.tokenizer.save_pretrained(tmp_path / "export")
-    seen = []
-    result = evaluate_heldout(str(tmp_path / "export"), str(synth_dir / "corpus"),
-                              SamplerSettings(gen_length=2, block_length=2, steps=2), limit=5,
-                              progress=lambda phase, done, total: seen.append((done, total)))
-    records = json.loads((synth_dir / "corpus" / "heldout.json").read_text())[:5]
-    assert result.n == 5 and seen[-1] == (5, 5)
+    out = tmp_path_factory.mktemp("eval_export")
+    model.save_pretrained(out)
+    tok.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("text, expected, correct", [
+    ("red", "red", True),
+    ("Red.", "red", True),
+    ("  red \n", "red", True),
+    ("The shape is filled with red, so its colour is red. Answer: red", "red", True),
+    ("The shape is red. Answer: blue", "red", False),
+    ("red or blue", "red", False),
+    ("blue", "red", False),
+    ("", "red", False),
+    ("redd", "red", False),
+])
+def test_scoring_rule(text, expected, correct):
+    assert score_answer(text, expected) is correct
+
+
+def test_final_answer_takes_what_follows_the_last_answer_marker():
+    assert final_answer("Answer: left. Answer: Right.") == "right"
+
+
+def test_counts_chance_and_samples_are_the_samplers_answers(export, synth_dir):
+    corpus = synth_dir / "corpus"
+    heldout = json.loads((corpus / "heldout.json").read_text())
+    result = evaluate_heldout(export, str(corpus), SETTINGS)
+    assert result.n == len(heldout) == 9
     assert result.chance == pytest.approx(1 / 3)
-    assert [s["expected"] for s in result.samples] == [r["answer"] for r in records]
-    assert all(s["question"].endswith(" /no_think") and s["forward_passes"] >= 1 for s in result.samples)
-    assert result.accuracy == sum(is_correct(s["answer"], s["expected"]) for s in result.samples) / 5
-    assert set(result.by_factor) <= {"colour", "kind", "position"}
+    assert result.accuracy == sum(s["correct"] for s in result.samples) / 9
+    model, tok = load(export)
+    for record, sample in zip(heldout, result.samples):
+        assert sample["expected"] == record["answer"]
+        assert Path(sample["image"]).is_file() and sample["image"].endswith(record["image"])
+        assert sample["question"] == record["conversations"][0]["value"] + NO_THINK
+        direct = answer(model, tok, [Image.open(sample["image"]).convert("RGB")],
+                        sample["question"], SETTINGS)
+        assert sample["answer"] == direct.text
+        assert sample["forward_passes"] == direct.forward_passes <= SETTINGS.steps
+        assert sample["correct"] == score_answer(direct.text, record["answer"])
+
+    limited = evaluate_heldout(export, str(corpus), SETTINGS, limit=4, suffix="")
+    assert limited.n == 4 and [s["id"] for s in limited.samples] == [r["id"] for r in heldout[:4]]
+    assert limited.samples[0]["question"] == heldout[0]["conversations"][0]["value"]
+
+
+def test_accuracy_counts_exactly_the_answers_that_match(export, synth_dir, tmp_path):
+    # Rewrite the expected answers: the model's own answer for the first three records, a word it
+    # cannot say for the rest. Accuracy must then be exactly 3/9, whatever the random model says.
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synth_dir / "corpus", corpus)
+    first = evaluate_heldout(export, str(corpus), SETTINGS)
+    records = json.loads((corpus / "heldout.json").read_text())
+    for i, (record, sample) in enumerate(zip(records, first.samples)):
+        record["answer"] = final_answer(sample["answer"]) if i < 3 else "no-such-word"
+    (corpus / "heldout.json").write_text(json.dumps(records))
+    second = evaluate_heldout(export, str(corpus), SETTINGS)
+    assert [s["correct"] for s in second.samples] == [True] * 3 + [False] * 6
+    assert second.accuracy == pytest.approx(3 / 9)
+
+
+def test_empty_heldout_is_an_error(export, tmp_path):
+    (tmp_path / "heldout.json").write_text("[]")
+    with pytest.raises(ValueError, match="no held-out questions"):
+        evaluate_heldout(export, str(tmp_path))
