@@ -21,9 +21,10 @@ or MLflow (pipeline.py logs `samples`).
 
 from __future__ import annotations
 
-import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lladav import storage
@@ -39,9 +40,11 @@ class EvalResult:
     accuracy: float
     n: int
     chance: float
+    by_factor: dict[str, float] = field(default_factory=dict)
+    """Accuracy per asked factor (colour, kind, position) of records that name one."""
     samples: list[dict[str, Any]] = field(default_factory=list)
-    """Per question: image (path or URI), question, answer (the model's text), expected,
-    correct, choices, forward_passes."""
+    """Per question: id, factor, image (local path; None for a remote corpus), image_uri,
+    question, answer (the model's text), expected, correct, choices, forward_passes."""
 
 
 def final_answer(text: str) -> str:
@@ -63,29 +66,44 @@ def _question(record: dict[str, Any]) -> str:
 
 
 def evaluate_heldout(export: str, corpus_dir: str, settings: SamplerSettings | None = None,
-                     limit: int | None = None, suffix: str = NO_THINK) -> EvalResult:
+                     limit: int | None = None, suffix: str = NO_THINK,
+                     progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
     """Answer the first `limit` (default: all) questions of corpus_dir/heldout.json with the
-    export (folder or URI) and score them; images resolve against corpus_dir (folder or URI)."""
+    export (folder or URI) and score them; images resolve against corpus_dir (folder or URI).
+    progress("eval", done, total) is called after each question."""
     from PIL import Image
 
     from lladav.inference import answer, load
 
-    records = json.loads(storage.read_bytes(storage.join(corpus_dir, "heldout.json")))
-    records = records[:limit] if limit is not None else records
-    if not records:
-        raise ValueError(f"{corpus_dir}/heldout.json: no held-out questions to evaluate")
     model, tok = load(export)
     settings = settings or DEFAULT_SETTINGS
     samples = []
-    for record in records:
-        image_uri = storage.join(corpus_dir, record["image"])
-        image = Image.open(io.BytesIO(storage.read_bytes(image_uri))).convert("RGB")
-        question = _question(record) + suffix
-        out = answer(model, tok, [image], question, settings)
-        samples.append({"id": record.get("id"), "image": image_uri, "question": question,
-                        "answer": out.text, "expected": record["answer"],
-                        "correct": score_answer(out.text, record["answer"]),
-                        "choices": record["choices"], "forward_passes": out.forward_passes})
+    with storage.local_folder(corpus_dir) as folder:
+        records = json.loads((Path(folder) / "heldout.json").read_text(encoding="utf-8"))
+        records = records[:limit] if limit is not None else records
+        if not records:
+            raise ValueError(f"{corpus_dir}/heldout.json: no held-out questions to evaluate")
+        for i, record in enumerate(records):
+            image_path = Path(folder) / record["image"]
+            question = _question(record) + suffix
+            with Image.open(image_path) as image:
+                out = answer(model, tok, [image.convert("RGB")], question, settings)
+            samples.append({
+                "id": record.get("id"), "factor": record.get("factor"),
+                # A remote corpus's local copy goes away on return: keep only its URI then.
+                "image": None if storage.is_s3(corpus_dir) else str(image_path),
+                "image_uri": storage.join(corpus_dir, record["image"]),
+                "question": question, "answer": out.text, "expected": record["answer"],
+                "correct": score_answer(out.text, record["answer"]),
+                "choices": record["choices"], "forward_passes": out.forward_passes})
+            if progress is not None:
+                progress("eval", i + 1, len(records))
     n = len(samples)
+    by_factor: dict[str, list[bool]] = {}
+    for s in samples:
+        if s["factor"]:
+            by_factor.setdefault(s["factor"], []).append(s["correct"])
     return EvalResult(accuracy=sum(s["correct"] for s in samples) / n, n=n,
-                      chance=sum(1 / len(s["choices"]) for s in samples) / n, samples=samples)
+                      chance=sum(1 / len(s["choices"]) for s in samples) / n,
+                      by_factor={k: sum(v) / len(v) for k, v in sorted(by_factor.items())},
+                      samples=samples)

@@ -54,13 +54,18 @@ def test_final_answer_takes_what_follows_the_last_answer_marker():
 def test_counts_chance_and_samples_are_the_samplers_answers(export, synth_dir):
     corpus = synth_dir / "corpus"
     heldout = json.loads((corpus / "heldout.json").read_text())
-    result = evaluate_heldout(export, str(corpus), SETTINGS)
-    assert result.n == len(heldout) == 9
+    seen = []
+    result = evaluate_heldout(export, str(corpus), SETTINGS,
+                              progress=lambda phase, done, total: seen.append((phase, done, total)))
+    assert result.n == len(heldout) == 9 and seen[-1] == ("eval", 9, 9) and len(seen) == 9
     assert result.chance == pytest.approx(1 / 3)
     assert result.accuracy == sum(s["correct"] for s in result.samples) / 9
+    for factor in ("colour", "kind", "position"):
+        mine = [s["correct"] for s in result.samples if s["factor"] == factor]
+        assert len(mine) == 3 and result.by_factor[factor] == sum(mine) / 3
     model, tok = load(export)
     for record, sample in zip(heldout, result.samples):
-        assert sample["expected"] == record["answer"]
+        assert sample["expected"] == record["answer"] and sample["factor"] == record["factor"]
         assert Path(sample["image"]).is_file() and sample["image"].endswith(record["image"])
         assert sample["question"] == record["conversations"][0]["value"] + NO_THINK
         direct = answer(model, tok, [Image.open(sample["image"]).convert("RGB")],
