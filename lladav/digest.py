@@ -12,6 +12,7 @@ Does not own: where bytes live (storage.py) or what a mixture contains (data/man
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -75,7 +76,15 @@ def hash_key(*parts: Any) -> str:
 
 def code_version() -> dict[str, Any]:
     """The code that produced an artifact: package version, and the git commit when run from a
-    checkout (with `dirty` when it has uncommitted changes)."""
+    checkout (with `dirty` and a digest of the diff when it has uncommitted changes).
+
+    Read once per process: the code a process runs is what it imported at start, so edits made
+    to the checkout while it runs must not change the identity of what it produces."""
+    return dict(_code_version())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> dict[str, Any]:
     import subprocess
 
     from lladav import __version__

@@ -91,6 +91,8 @@ class Lineage:
     def __init__(self, tracking_uri: str | None = None, experiment: str = "lladav") -> None:
         from mlflow import MlflowClient
 
+        # MLflow prints each run's URL on ending it, a password in the tracking URI included.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
