@@ -292,6 +292,11 @@ class StageConfig(StrictModel):
     with the vision tower at 2e-6)."""
     image_aspect: Literal["anyres_max_4", "square"] | None = None
     """Image handling; default: the mixture's."""
+    max_grid: int | None = Field(default=None, ge=1)
+    """Anyres grid pinpoints (1x1)..(NxN), the reference's `image_grid_pinpoints` training flag;
+    default: the init export's, or 6 (the paper) from base checkpoints. Must match the mixture's."""
+    max_tiles_area: int | None = Field(default=None, ge=1)
+    """The anyres_max_N cap; default: the init export's, or 4 (the paper) from base checkpoints."""
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     """Linear warm-up share of the steps, then cosine decay to 0."""
     weight_decay: float = Field(default=0.0, ge=0)
@@ -377,10 +382,14 @@ class SynthStep(_Step):
 
     kind: Literal["synth"]
     output: str
-    """Folder written (corpus/, tokenizer/); the tiny recipes point into it."""
+    """Folder written (corpus/, tokenizer/, base/); the tiny recipes and stages point into it."""
     n_train: int = Field(default=600, ge=1)
     n_heldout: int = Field(default=90, ge=1)
     seed: int = 0
+    base_steps: int = Field(default=0, ge=0)
+    """If > 0: also write base checkpoints under output/base/ (llada/, siglip/), the tower
+    pretrained for this many steps on the captions (model/base.py), for a stage's
+    `init.language_model` / `init.vision_tower`. 0: corpus and tokenizer only."""
 
 
 class DataStep(_Step):

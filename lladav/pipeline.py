@@ -236,7 +236,17 @@ def _run_synth(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     step: SynthStep = p.config
     ctx.lineage.log_config(run_id, "synth", step.model_dump(mode="json"))
     synth_all(Path(step.output), n_train=step.n_train, n_heldout=step.n_heldout, seed=step.seed)
-    return {"corpus": storage.join(step.output, "corpus"), "tokenizer": storage.join(step.output, "tokenizer")}
+    outputs = {"corpus": storage.join(step.output, "corpus"),
+               "tokenizer": storage.join(step.output, "tokenizer")}
+    if step.base_steps:
+        from lladav.model.base import write_base
+
+        out = Path(step.output)
+        outputs.update(write_base(out / "corpus", out / "tokenizer", out / "base",
+                                  steps=step.base_steps, seed=step.seed))
+        pretrain = json.loads((out / "base" / "pretrain.json").read_text())
+        ctx.lineage.log_metrics(run_id, {"tower_pretrain_loss": pretrain["final_loss"]}, step=step.base_steps)
+    return outputs
 
 
 def _run_data(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:

@@ -66,4 +66,8 @@ def initial_weights(stage: StageConfig, tokenizer: Any) -> tuple[Any, dict | Non
         config, weights = source.config, source.state_dict()
     if stage.image_aspect:
         config.image_aspect = stage.image_aspect
+    if stage.max_grid is not None:
+        config.max_grid = stage.max_grid
+    if stage.max_tiles_area is not None:
+        config.max_tiles_area = stage.max_tiles_area
     return config, weights
