@@ -37,8 +37,8 @@ def _centroid_accuracy(model: LLaDAVModel, corpus: Path, factor: str) -> float:
     labels = [r["meta"][factor] for r in records]
     right = 0
     for i, label in enumerate(labels):
-        centroids = {v: torch.stack([feats[j] for j, l in enumerate(labels) if l == v and j != i]).mean(0)
-                     for v in set(labels)}
+        centroids = {v: torch.stack([feats[j] for j, other in enumerate(labels)
+                                     if other == v and j != i]).mean(0) for v in set(labels)}
         right += min(centroids, key=lambda v: float((feats[i] - centroids[v]).norm())) == label
     return right / len(labels)
 
