@@ -75,8 +75,9 @@ def hash_key(*parts: Any) -> str:
 
 
 def code_version() -> dict[str, Any]:
-    """The code that produced an artifact: package version, and the git commit when run from a
-    checkout (with `dirty` and a digest of the diff when it has uncommitted changes).
+    """The code that produced an artifact: package version, and the git commit and the tree of
+    lladav/ when run from a checkout (with `dirty` and a digest of the diff when it has
+    uncommitted changes).
 
     Read once per process: the code a process runs is what it imported at start, so edits made
     to the checkout while it runs must not change the identity of what it produces."""
@@ -96,7 +97,11 @@ def _code_version() -> dict[str, Any]:
                                 text=True, timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "lladav"],
                                 capture_output=True, text=True, timeout=10, check=True).stdout
-        version.update(git_commit=commit, git_dirty=bool(status.strip()))
+        # The package's own tree: what a pipeline step's key names, so a commit that only
+        # touches docs, tests or configs leaves every finished step valid.
+        tree = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD:lladav"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        version.update(git_commit=commit, git_tree=tree, git_dirty=bool(status.strip()))
         if status.strip():  # uncommitted edits: name them by the digest of the diff
             diff = subprocess.run(["git", "-C", str(root), "diff", "HEAD", "--", "lladav"],
                                   capture_output=True, timeout=10, check=True).stdout

@@ -73,8 +73,10 @@ def storage_root(pipe: PipelineConfig) -> str:
 
 
 def _code_identity() -> dict[str, Any]:
+    """The code part of a step key: the package's version, its git tree (lladav/ only, not the
+    commit: editing the README must not rerun days of stages) and any uncommitted diff of it."""
     v = code_version()
-    return {k: v.get(k) for k in ("lladav", "git_commit", "git_diff_sha256")}
+    return {k: v.get(k) for k in ("lladav", "git_tree", "git_diff_sha256")}
 
 
 def _outputs(folder: str) -> dict[str, str]:

@@ -145,3 +145,18 @@ def test_a_broken_reference_in_the_papers_pipeline_exits_2(tmp_path):
     finally:
         bad.unlink()
     assert result.exit_code == 2 and "init 'stage9' must name an earlier step" in result.output
+
+
+def test_step_keys_name_the_package_tree_not_the_commit():
+    """A commit touching only docs or configs must not rerun finished stages: the code part of
+    a key is lladav/'s git tree (plus any uncommitted diff of it), never the commit id."""
+    import subprocess
+
+    from lladav.pipeline import _code_identity
+
+    root = Path(__file__).resolve().parents[2]
+    tree = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD:lladav"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    identity = _code_identity()
+    assert identity["git_tree"] == tree
+    assert "git_commit" not in identity
