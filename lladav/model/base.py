@@ -74,15 +74,13 @@ def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
 
     from lladav.data.conversation import ChatTokenizer
     from lladav.data.images import image_tiles
-    from lladav.model.flavors import FLAVORS, lladav_config
+    from lladav.model.flavors import FLAVORS, lladav_config_for
     from lladav.model.llada import LLaDAModelLM
 
     corpus, out = Path(corpus), Path(out)
     tok = ChatTokenizer.from_folder(tokenizer)
     entry = FLAVORS[flavor]
-    config = lladav_config(flavor, vocab_size=len(tok.tokenizer), bos_token_id=tok.bos_id,
-                           eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-                           mask_token_id=tok.mask_id)
+    config = lladav_config_for(flavor, tok)
     geometry, layer = config.geometry, entry["llada_v"]["vision_feature_layer"]
 
     records = [r for r in json.loads((corpus / "captions.json").read_text(encoding="utf-8"))

@@ -110,3 +110,11 @@ def lladav_config(flavor: str, **overrides: Any) -> Any:
         raise KeyError(f"unknown LLaDA-V flavor {flavor!r}; valid flavors: {valid}")
     return LLaDAVConfig(text_config=llada_config(flavor, **overrides),
                         vision_config=dict(entry["vision_tower"]), **entry["llada_v"])
+
+
+def lladav_config_for(flavor: str, tokenizer: Any) -> Any:
+    """`lladav_config(flavor)` with the vocabulary and special ids of a ChatTokenizer
+    (data/conversation.py): a random initialisation that speaks that tokenizer, EOS padding."""
+    return lladav_config(flavor, vocab_size=len(tokenizer.tokenizer), bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
+                         mask_token_id=tokenizer.mask_id)

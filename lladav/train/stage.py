@@ -46,14 +46,12 @@ def initial_weights(stage: StageConfig, tokenizer: Any) -> tuple[Any, dict | Non
 
     The model itself is built by the caller, under ZeRO-3's zero.Init, from the config.
     """
-    from lladav.model.flavors import lladav_config
+    from lladav.model.flavors import lladav_config_for
     from lladav.model.lladav import LLaDAVModel
 
     init = stage.init
     if init.flavor:
-        config = lladav_config(init.flavor, vocab_size=len(tokenizer.tokenizer),
-                               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                               pad_token_id=tokenizer.eos_id, mask_token_id=tokenizer.mask_id)
+        config = lladav_config_for(init.flavor, tokenizer)
         weights = None
     elif init.export:
         from lladav import storage

@@ -60,16 +60,14 @@ def ledgers(checkpoint_path: str) -> list[list[str]]:
 
 
 def test_zero3_partitions_and_stage1_trains_only_the_projector(tmp_path, mixture):
-    from lladav.model.flavors import lladav_config
+    from lladav.model.flavors import lladav_config_for
     from lladav.model.lladav import LLaDAVModel
     from lladav.train.launch import run_stage
     from lladav.train.loop import mixture_tokenizer
 
     tok = mixture_tokenizer(mixture)
     torch.manual_seed(3)
-    init = LLaDAVModel(lladav_config("tiny", vocab_size=len(tok.tokenizer), bos_token_id=tok.bos_id,
-                                     eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-                                     mask_token_id=tok.mask_id))
+    init = LLaDAVModel(lladav_config_for("tiny", tok))
     init.save_pretrained(tmp_path / "init")
 
     log = tmp_path / "steps.jsonl"

@@ -13,7 +13,7 @@ from PIL import Image
 from lladav.data.conversation import ChatTokenizer
 from lladav.evaluate import NO_THINK, evaluate_heldout, final_answer, score_answer
 from lladav.inference import SamplerSettings, answer, load
-from lladav.model.flavors import lladav_config
+from lladav.model.flavors import lladav_config_for
 from lladav.model.lladav import LLaDAVModel
 
 SETTINGS = SamplerSettings(gen_length=4, block_length=4, steps=4)
@@ -23,9 +23,7 @@ SETTINGS = SamplerSettings(gen_length=4, block_length=4, steps=4)
 def export(tmp_path_factory, tiny_tokenizer) -> str:
     tok = ChatTokenizer.from_folder(tiny_tokenizer)
     torch.manual_seed(0)
-    model = LLaDAVModel(lladav_config("tiny", vocab_size=len(tok.tokenizer), bos_token_id=tok.bos_id,
-                                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-                                      mask_token_id=tok.mask_id))
+    model = LLaDAVModel(lladav_config_for("tiny", tok))
     out = tmp_path_factory.mktemp("eval_export")
     model.save_pretrained(out)
     tok.tokenizer.save_pretrained(out)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lladav.data.conversation import ChatTokenizer
 from lladav.inference import SamplerSettings, answer, load
-from lladav.model.flavors import lladav_config
+from lladav.model.flavors import lladav_config_for
 from lladav.model.lladav import LLaDAVModel
 
 
@@ -17,9 +17,7 @@ from lladav.model.lladav import LLaDAVModel
 def export(tmp_path_factory, tiny_tokenizer):
     tok = ChatTokenizer.from_folder(tiny_tokenizer)
     torch.manual_seed(0)
-    model = LLaDAVModel(lladav_config("tiny", vocab_size=len(tok.tokenizer), bos_token_id=tok.bos_id,
-                                      eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
-                                      mask_token_id=tok.mask_id))
+    model = LLaDAVModel(lladav_config_for("tiny", tok))
     out = tmp_path_factory.mktemp("export")
     model.save_pretrained(out)
     tok.tokenizer.save_pretrained(out)
