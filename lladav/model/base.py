@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +126,20 @@ def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
         optimizer.step()
     tower.eval()
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"language_model": out / "llada", "vision_tower": out / "siglip"}
-    tower.save_pretrained(paths["vision_tower"])
-    torch.manual_seed(seed)
-    LLaDAModelLM(config.text_config).save_pretrained(paths["language_model"])
+    # Written aside and published whole (storage.publish_folder): a crash mid-write leaves the
+    # previous base folder, or none, never half of one.
+    from lladav import storage
+
     summary: dict[str, Any] = {"flavor": flavor, "steps": steps, "batch_size": batch_size,
                                "lr": lr, "seed": seed, "first_loss": first_loss,
-                               "final_loss": float(loss.detach()),
-                               "images": len(records)}
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+                               "final_loss": float(loss.detach()), "images": len(records)}
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        tower.save_pretrained(staged / "siglip")
+        torch.manual_seed(seed)
+        LLaDAModelLM(config.text_config).save_pretrained(staged / "llada")
+        (staged / "pretrain.json").write_text(json.dumps(summary, indent=1) + "\n",
+                                              encoding="utf-8")
+        storage.publish_folder(staged, str(out), last="pretrain.json")
+    paths = {"language_model": out / "llada", "vision_tower": out / "siglip"}
     return {k: str(v) for k, v in paths.items()}
