@@ -135,6 +135,23 @@ def tiny_tokenizer(synth_dir: Path) -> Path:
     return synth_dir / "tokenizer"
 
 
+@pytest.fixture(scope="session")
+def random_export(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path) -> Path:
+    """A randomly initialised tiny LLaDA-V export (weights + tokenizer), seed 0: read-only."""
+    import torch
+
+    from lladav.data.conversation import ChatTokenizer
+    from lladav.model.flavors import lladav_config_for
+    from lladav.model.lladav import LLaDAVModel
+
+    tok = ChatTokenizer.from_folder(tiny_tokenizer)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("random_export")
+    LLaDAVModel(lladav_config_for("tiny", tok)).save_pretrained(out)
+    tok.tokenizer.save_pretrained(out)
+    return out
+
+
 # ---- Ray: one local cluster per session ---------------------------------------------------------
 
 @pytest.fixture(scope="session")

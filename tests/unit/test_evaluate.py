@@ -7,27 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from lladav.data.conversation import ChatTokenizer
 from lladav.evaluate import NO_THINK, evaluate_heldout, final_answer, score_answer
 from lladav.inference import SamplerSettings, answer, load
-from lladav.model.flavors import lladav_config_for
-from lladav.model.lladav import LLaDAVModel
 
 SETTINGS = SamplerSettings(gen_length=4, block_length=4, steps=4)
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_tokenizer) -> str:
-    tok = ChatTokenizer.from_folder(tiny_tokenizer)
-    torch.manual_seed(0)
-    model = LLaDAVModel(lladav_config_for("tiny", tok))
-    out = tmp_path_factory.mktemp("eval_export")
-    model.save_pretrained(out)
-    tok.tokenizer.save_pretrained(out)
-    return str(out)
+def export(random_export) -> str:
+    return str(random_export)
 
 
 @pytest.mark.parametrize("text, expected, correct", [

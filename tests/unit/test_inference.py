@@ -4,26 +4,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
-from lladav.data.conversation import ChatTokenizer
 from lladav.inference import SamplerSettings, answer, load
-from lladav.model.flavors import lladav_config_for
-from lladav.model.lladav import LLaDAVModel
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, tiny_tokenizer):
-    tok = ChatTokenizer.from_folder(tiny_tokenizer)
-    torch.manual_seed(0)
-    model = LLaDAVModel(lladav_config_for("tiny", tok))
-    out = tmp_path_factory.mktemp("export")
-    model.save_pretrained(out)
-    tok.tokenizer.save_pretrained(out)
-    img = out / "shape.png"
+def export(random_export, tmp_path_factory):
+    img = tmp_path_factory.mktemp("image") / "shape.png"
     Image.new("RGB", (48, 40), (200, 30, 30)).save(img)
-    return out, img
+    return random_export, img
 
 
 def test_answer_is_deterministic_and_respects_the_sampler_settings(export):
