@@ -193,25 +193,13 @@ def bare_loop(stage_json: str, result_path: str) -> None:
     """The baseline, in its own process: the loop's preparation, then only the DeepSpeed step."""
     from lladav.config import StageConfig
     from lladav.data.loader import MixtureLoader
-    from lladav.model.lladav import LLaDAVModel
     from lladav.train import engine as eng
-    from lladav.train.loop import mixture_tokenizer
-    from lladav.train.stage import apply_stage, initial_weights
+    from lladav.train.loop import prepare_model
     from lladav.train.step import diffusion_step
 
     torch.set_num_threads(THREADS)
     stage = StageConfig.model_validate_json(Path(stage_json).read_text())
-    eng.init_distributed()
-    tok = mixture_tokenizer(stage.mixture)
-    torch.manual_seed(stage.seed)
-    config, weights = initial_weights(stage, tok)
-    ds_config = eng.render_ds_config(
-        eng.resolve_template(stage.deepspeed), micro_batch=stage.micro_batch,
-        grad_accum=stage.grad_accum, world_size=1, gradient_clipping=stage.gradient_clipping,
-        precision=stage.precision, hidden_size=config.text_config.hidden_size,
-        overrides=stage.deepspeed_overrides)
-    model = eng.build_model(lambda: LLaDAVModel(config), ds_config)
-    groups, _ = apply_stage(model, stage)
+    model, groups, _, ds_config = prepare_model(stage, world_size=1)
     loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=0, world_size=1,
                            num_workers=0, seed=stage.seed, aspect=stage.image_aspect,
                            group_by_length=stage.group_by_length)

@@ -55,12 +55,13 @@ def mixture_tokenizer(mixture_uri: str) -> Any:
     return load_tokenizer(open_mixture(mixture_uri).info["tokenizer"]["uri"])
 
 
-def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
-    from lladav.data.loader import MixtureLoader
-    from lladav.train import engine as eng
+def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict], list[dict], dict]:
+    """Everything before the first step, on every rank: the process group, the model built under
+    ZeRO-3 with its init weights, frozen per stage. Returns (model, param_groups, table rows,
+    rendered DeepSpeed config). bench/train_step.py's bare-DeepSpeed baseline starts here too."""
     from lladav.model.lladav import LLaDAVModel
-    from lladav.train.stage import apply_stage, format_table, initial_weights
-    from lladav.train.step import diffusion_step
+    from lladav.train import engine as eng
+    from lladav.train.stage import apply_stage, initial_weights
 
     eng.init_distributed()
     tok = mixture_tokenizer(stage.mixture)
@@ -68,7 +69,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     config, weights = initial_weights(stage, tok)
     ds_config = eng.render_ds_config(
         eng.resolve_template(stage.deepspeed), micro_batch=stage.micro_batch,
-        grad_accum=stage.grad_accum, world_size=ctx.world_size,
+        grad_accum=stage.grad_accum, world_size=world_size,
         gradient_clipping=stage.gradient_clipping, precision=stage.precision,
         hidden_size=config.text_config.hidden_size, overrides=stage.deepspeed_overrides)
     model = eng.build_model(lambda: LLaDAVModel(config), ds_config)
@@ -77,6 +78,16 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     groups, rows = apply_stage(model, stage)
+    return model, groups, rows, ds_config
+
+
+def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
+    from lladav.data.loader import MixtureLoader
+    from lladav.train import engine as eng
+    from lladav.train.stage import format_table
+    from lladav.train.step import diffusion_step
+
+    model, groups, rows, ds_config = prepare_model(stage, ctx.world_size)
     if ctx.rank == 0:
         log.info("stage %s\n%s", stage.name, format_table(rows))
 
