@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +34,10 @@ IMAGE = "<image>"              # text placeholder; becomes IMAGE_PLACEHOLDER_ID 
 SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT, IMAGE]
 IMAGE_PLACEHOLDER_ID = -200    # LLaVA's IMAGE_TOKEN_INDEX
 IGNORE_INDEX = -100
+# What a position of `Tokenized.targets` (and of a shard's targets.npy) holds:
+NOT_TARGET = 0                 # prompt text, image placeholders
+TEMPLATE_TARGET = 1            # a target that is template: BOS/headers/EOT anywhere, role words
+ANSWER_TARGET = 2              # a target inside the assistant's own words (the answer metrics)
 
 
 SYSTEM_PROMPT = (
@@ -60,10 +63,13 @@ class Turn:
 @dataclass(frozen=True)
 class Tokenized:
     """One templated sample. `ids` holds IMAGE_PLACEHOLDER_ID where image features go;
-    `targets[i]` is 1 where position i is a training target (lladav_reference.md, "Labels")."""
+    `targets[i]` is non-zero where position i is a training target (lladav_reference.md,
+    "Labels"): ANSWER_TARGET inside the assistant's own text, TEMPLATE_TARGET for the rest
+    (structural tokens, role words, the blank line after a header). Both train alike; the
+    distinction only feeds the answer-only loss and accuracy a stage reports."""
 
     ids: np.ndarray      # (L,) int32
-    targets: np.ndarray  # (L,) uint8, 0/1
+    targets: np.ndarray  # (L,) uint8: NOT_TARGET | TEMPLATE_TARGET | ANSWER_TARGET
 
     @property
     def n_placeholders(self) -> int:
@@ -75,11 +81,15 @@ class Tokenized:
 
     @property
     def n_targets(self) -> int:
-        return int(self.targets.sum())
+        return int((self.targets != NOT_TARGET).sum())
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return int((self.targets == ANSWER_TARGET).sum())
 
     def labels(self) -> np.ndarray:
         """Labels in the reference's convention: the id where targeted, IGNORE_INDEX elsewhere."""
-        return np.where(self.targets.astype(bool), self.ids, IGNORE_INDEX).astype(np.int64)
+        return np.where(self.targets != NOT_TARGET, self.ids, IGNORE_INDEX).astype(np.int64)
 
 
 def normalize_turns(conversations: Any, n_images: int) -> list[Turn]:
@@ -170,7 +180,11 @@ class ChatTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "ChatTokenizer":
-        return _load_cached(str(path))
+        """A tokenizer folder on local disk (data/tokenizer.load_tokenizer takes any URI and
+        caches per process)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
 
     def special_ids(self) -> dict[str, int]:
         return {"bos": self.bos_id, "eos": self.eos_id, "mask": self.mask_id, "start_header":
@@ -179,53 +193,65 @@ class ChatTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Tokenize without added BOS/EOS; `<image>` becomes IMAGE_PLACEHOLDER_ID."""
-        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        return self.encode_spans(text)[0]
+
+    def encode_spans(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` plus each token's (start, end) character span in `text`: (L,), (L, 2)."""
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(out["input_ids"], dtype=np.int32)
         ids[ids == self.image_id] = IMAGE_PLACEHOLDER_ID
-        return ids
+        spans = np.asarray(out["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return ids, spans
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids if i >= 0], skip_special_tokens=False)
 
 
-@lru_cache(maxsize=4)
-def _load_cached(path: str) -> ChatTokenizer:
-    # One tokenizer per worker process and folder: loading costs ~0.1-1 s, a shard needs it once.
-    from transformers import AutoTokenizer
-
-    return ChatTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+def _header(role: str) -> str:
+    return f"{BOS}{START_HEADER}{role}{END_HEADER}\n\n"
 
 
-def _message(role: str, content: str) -> str:
-    return f"{BOS}{START_HEADER}{role}{END_HEADER}\n\n{content}{EOT}"
+def _answer_codes(ids: np.ndarray, spans: np.ndarray, start: int, end: int) -> np.ndarray:
+    """ANSWER_TARGET for the tokens whose characters overlap text[start:end] (the assistant's
+    own words: the template is tokenized whole, as the reference does, so a token may straddle
+    the boundary), TEMPLATE_TARGET for the others."""
+    inside = (spans[:, 0] < end) & (spans[:, 1] > start) & (ids >= 0)
+    return np.where(inside, ANSWER_TARGET, TEMPLATE_TARGET).astype(np.uint8)
 
 
 def tokenize_llava_llada(turns: list[Turn], tok: ChatTokenizer) -> Tokenized:
     """The stage 2-3 template: system message, then every turn with its BOS dropped.
 
-    Targets: all tokens of assistant messages, plus BOS/SH/EH/EOT wherever they stand.
+    Targets: all tokens of assistant messages (their text: ANSWER_TARGET), plus BOS/SH/EH/EOT
+    wherever they stand.
     """
     pieces, targets = [], []
     messages = [Turn("system", SYSTEM_PROMPT)] + [t for t in turns if t.role != "system"]
     for i, turn in enumerate(messages):
-        ids = tok.encode(_message(turn.role, turn.text))
-        if i > 0:
-            ids = ids[1:]  # the reference drops the BOS of every message after the first
-        is_target = (np.ones(len(ids), dtype=np.uint8) if turn.role == "assistant"
-                     else np.isin(ids, tok.structural_ids).astype(np.uint8))
+        header = _header(turn.role)
+        ids, spans = tok.encode_spans(f"{header}{turn.text}{EOT}")
+        if turn.role == "assistant":
+            codes = _answer_codes(ids, spans, len(header), len(header) + len(turn.text))
+        else:
+            codes = np.where(np.isin(ids, tok.structural_ids), TEMPLATE_TARGET,
+                             NOT_TARGET).astype(np.uint8)
+        if i > 0:  # the reference drops the BOS of every message after the first
+            ids, codes = ids[1:], codes[1:]
         pieces.append(ids)
-        targets.append(is_target)
+        targets.append(codes)
     return Tokenized(np.concatenate(pieces).astype(np.int32), np.concatenate(targets))
 
 
 def tokenize_llada_plain(turns: list[Turn], tok: ChatTokenizer) -> Tokenized:
     """The stage 1 template: `<image>` + first answer + "\\n"; the user text is discarded.
 
-    Targets: every position but the placeholder.
+    Targets: every position but the placeholder (the caption's own tokens: ANSWER_TARGET).
     """
     caption = next(t.text for t in turns if t.role == "assistant")
-    text_ids = tok.encode(caption + "\n")
+    text_ids, spans = tok.encode_spans(caption + "\n")
     ids = np.concatenate([np.array([IMAGE_PLACEHOLDER_ID], dtype=np.int32), text_ids])
-    targets = np.concatenate([np.zeros(1, dtype=np.uint8), np.ones(len(text_ids), dtype=np.uint8)])
+    targets = np.concatenate([np.zeros(1, dtype=np.uint8),
+                              _answer_codes(text_ids, spans, 0, len(caption))])
     return Tokenized(ids.astype(np.int32), targets)
 
 
@@ -241,10 +267,18 @@ def tokenize(turns: list[Turn], tok: ChatTokenizer, template: str) -> Tokenized:
     raise ValueError(f"unknown template {template!r}; expected llava_llada or llada_plain")
 
 
-def prompt_ids(question: str, tok: ChatTokenizer, n_images: int = 1) -> np.ndarray:
-    """Inference prompt: system + user turn, ending with the assistant header and "\\n\\n"."""
-    turns = normalize_turns([{"from": "human", "value": question},
-                             {"from": "gpt", "value": "-"}], n_images)
-    body = tokenize_llava_llada(turns[:1], tok).ids
+def prompt_ids(conversation: str | list[dict[str, Any]], tok: ChatTokenizer, n_images: int = 1,
+               tag: str | None = None) -> np.ndarray:
+    """Inference prompt: system + the conversation so far, ending with the assistant header and
+    "\\n\\n". `conversation` is one question, or LLaVA messages ending with the user turn to
+    answer (earlier answers stay as context). `tag` is appended to every user turn, as a recipe
+    source's `tag` was in training."""
+    messages = ([{"from": "human", "value": conversation}] if isinstance(conversation, str)
+                else list(conversation))
+    # normalize_turns wants an answer to exist; the stand-in is dropped again below.
+    turns = normalize_turns(messages + [{"from": "gpt", "value": "-"}], n_images)[:-1]
+    if tag:
+        turns = add_tag(turns, tag, [True] * sum(t.role == "user" for t in turns))
+    body = tokenize_llava_llada(turns, tok).ids
     header = tok.encode(f"{START_HEADER}assistant{END_HEADER}\n\n")
     return np.concatenate([body, header]).astype(np.int32)

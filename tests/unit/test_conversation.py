@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lladav.data.conversation import (BOS, EOT, IMAGE_PLACEHOLDER_ID, SYSTEM_PROMPT, ChatTokenizer,
+from lladav.data.conversation import (ANSWER_TARGET, BOS, EOT, IMAGE_PLACEHOLDER_ID, NOT_TARGET,
+                                      SYSTEM_PROMPT, TEMPLATE_TARGET, ChatTokenizer,
                                       ConversationError, Turn, add_tag, normalize_turns,
                                       normalized_text, prompt_ids, tokenize)
 
@@ -45,15 +46,20 @@ def test_llava_llada_matches_hand_expectation(tok):
     add([SH, *enc(tok, "assistant"), EH, *enc(tok, "\n\nA circle."), E], True)
 
     assert out.ids.tolist() == ids
-    assert out.targets.tolist() == tgt
+    assert (out.targets != NOT_TARGET).astype(int).tolist() == tgt
     assert out.ids.dtype == np.int32
+    # The assistant's own words are ANSWER_TARGET, the rest of its message TEMPLATE_TARGET.
+    answer = out.targets == ANSWER_TARGET
+    assert tok.decode(out.ids[answer]) == "redA circle."
+    assert out.n_answer_tokens == int(answer.sum()) and out.n_targets == sum(tgt)
+    assert set(out.ids[(out.targets == TEMPLATE_TARGET)].tolist()) >= {B, SH, EH, E}
     # BOS only at position 0; exactly one placeholder; the placeholder is never a target.
     assert (out.ids == B).sum() == 1 and out.ids[0] == B
     assert out.n_placeholders == 1
     assert out.targets[out.ids == IMAGE_PLACEHOLDER_ID].sum() == 0
     labels = out.labels()
-    assert (labels[out.targets == 0] == -100).all()
-    assert (labels[out.targets == 1] == out.ids[out.targets == 1]).all()
+    assert (labels[out.targets == NOT_TARGET] == -100).all()
+    assert (labels[out.targets != NOT_TARGET] == out.ids[out.targets != NOT_TARGET]).all()
 
 
 def test_llada_plain_matches_hand_expectation(tok):
@@ -62,7 +68,9 @@ def test_llada_plain_matches_hand_expectation(tok):
     out = tokenize(turns, tok, "llada_plain")
     expected = [IMAGE_PLACEHOLDER_ID, *enc(tok, "A red circle.\n")]
     assert out.ids.tolist() == expected
-    assert out.targets.tolist() == [0] + [1] * (len(expected) - 1)
+    assert (out.targets != NOT_TARGET).astype(int).tolist() == [0] + [1] * (len(expected) - 1)
+    assert tok.decode(out.ids[out.targets == ANSWER_TARGET]) == "A red circle."
+    assert tok.decode(out.ids[out.targets == TEMPLATE_TARGET]) == "\n"
     assert tok.bos_id not in out.ids  # no BOS, no headers, no system prompt
 
 
@@ -123,3 +131,24 @@ def test_inference_prompt_ends_with_assistant_header(tok):
     assert ids[-len(tail):].tolist() == tail
     assert ids[0] == tok.bos_id and (ids == IMAGE_PLACEHOLDER_ID).sum() == 1
     assert ids[-len(tail) - 1] == tok.eot_id
+
+
+def test_a_multi_turn_prompt_is_the_training_sequence_up_to_the_last_answer(tok):
+    """What the eval asks is exactly what training saw before the answer: the earlier turns and
+    answers, the question, the assistant header; a tag is appended to every user turn."""
+    messages = [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "And its kind?"},
+                {"from": "gpt", "value": "circle"}]
+    def last_answer_start(out) -> int:
+        last_header = np.flatnonzero(out.ids == tok.eh_id)[-1]
+        return int(last_header + np.argmax(out.targets[last_header:] == ANSWER_TARGET))
+
+    messages[3]["value"] = "a red circle, twice as wide"  # several answer tokens
+    full = tokenize(normalize_turns(messages, 1), tok, "llava_llada")
+    assert prompt_ids(messages[:3], tok, 1).tolist() == full.ids[:last_answer_start(full)].tolist()
+    tagged = [dict(m, value=m["value"] + " /no_think") if m["from"] == "human" else m
+              for m in messages]
+    full = tokenize(normalize_turns(tagged, 1), tok, "llava_llada")
+    assert (prompt_ids(messages[:3], tok, 1, tag="/no_think").tolist()
+            == full.ids[:last_answer_start(full)].tolist())
