@@ -62,7 +62,7 @@ def demo_model() -> tuple[Path, Path]:
 def held_out_questions(corpus: Path) -> list[dict]:
     """Every factor of every held-out image: 3 questions per image (heldout.json asks one), so
     the identical-answer fraction rests on 270 answers, not 90."""
-    from lladav.data.synthetic import FACTORS
+    from lladav.demo.shapes import FACTORS
 
     return [{"image": rec["image"], "factor": f, "answer": rec["meta"][f], "meta": rec["meta"]}
             for rec in json.loads((corpus / "heldout.json").read_text()) for f in FACTORS]
@@ -73,7 +73,7 @@ def evaluate(model, tok, heldout: list[dict], root: Path, settings: SamplerSetti
     """Answer every question; `ask` = "direct" (the held-out question as the demo's eval asks
     it, /no_think, a one-word answer) or "reasoning" (/think: a ~15-token sentence ending
     "Answer: <word>", which leaves more to decode in parallel than EOS padding)."""
-    from lladav.data.synthetic import SHORT_SUFFIX, THINK_SUFFIX, question
+    from lladav.demo.shapes import SHORT_SUFFIX, THINK_SUFFIX, question
     from lladav.evaluate import score_answer
 
     suffix, tag = (SHORT_SUFFIX, " /no_think") if ask == "direct" else (THINK_SUFFIX, " /think")

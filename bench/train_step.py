@@ -144,7 +144,7 @@ def build_mixture(name: str, tokenizer: Path, corpus: Path, out: Path, vision: d
 
 def prepare_mixtures(samples: int) -> tuple[str, str]:
     """(tiny mixture of the shapes QA corpus, tiny geometry; stage-2-like mixture, 8B geometry)."""
-    from lladav.data.synthetic import synth_all
+    from lladav.demo.shapes import synth_all
 
     shapes = OUT / "shapes"
     if not (shapes / "tokenizer" / "tokenizer.json").exists():

@@ -113,7 +113,7 @@ def s3_bucket(s3_server: str) -> str:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small shapes corpus (LLaVA JSON + JPEG/PNG files) with its tokenizer: corpus/, tokenizer/."""
-    from lladav.data.synthetic import synth_all
+    from lladav.demo.shapes import synth_all
 
     out = tmp_path_factory.mktemp("synth")
     synth_all(out, n_train=60, n_heldout=9)
@@ -123,7 +123,7 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def big_synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A larger corpus, for builds that must run long enough to be interrupted."""
-    from lladav.data.synthetic import synth_all
+    from lladav.demo.shapes import synth_all
 
     out = tmp_path_factory.mktemp("synth_big")
     synth_all(out, n_train=600, n_heldout=9)

@@ -32,7 +32,6 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,7 @@ from lladav.data import RecordError
 from lladav.data import manifest as mf
 from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, add_tag,
                                       normalize_turns, normalized_text, tokenize)
+from lladav.data.tokenizer import load_tokenizer, tokenizer_digest
 from lladav.data.images import BadImage, image_token_count, inspect_image
 from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
                                  load_record)
@@ -134,15 +134,6 @@ def plan(recipe: Recipe) -> Plan:
 
 # ---- per-record processing (shared by scan and write, so both see the same sample) -----------
 
-@lru_cache(maxsize=2)
-def load_tokenizer(uri: str) -> ChatTokenizer:
-    """The tokenizer folder at `uri` (local or s3://), loaded once per process."""
-    if not storage.is_s3(uri):
-        return ChatTokenizer.from_folder(uri)
-    ctx = storage.local_folder(uri)   # kept open for the worker's lifetime (cached)
-    return ChatTokenizer.from_folder(ctx.__enter__())
-
-
 def _apply_filters(source: Source, turns: list[Turn], n_images: int, record_id: str) -> None:
     f = source.filters
     if f.require_image and n_images == 0:
@@ -219,7 +210,7 @@ def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
         "text_sha256": sample.text_sha256,
         "n_tokens": int(len(sample.ids)) - int((sample.ids < 0).sum()) + sample.n_image_tokens,
         "n_text_tokens": int((sample.ids >= 0).sum()),
-        "n_target_tokens": int(sample.targets.sum()),
+        "n_target_tokens": int((sample.targets != 0).sum()),
         "n_image_tokens": sample.n_image_tokens,
     }
 
@@ -310,27 +301,26 @@ def ensure_ray() -> None:
                  log_to_driver=False)
 
 
-def _tokenizer_digest(uri: str) -> str:
-    uris = [u for u in storage.list_uris(uri) if not storage.basename(u).startswith(".")]
-    return digest_obj({u[len(uri):].lstrip("/"): sha256_bytes(storage.read_bytes(u)) for u in uris})
-
-
 def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
           overwrite: bool = False, progress: Progress | None = None) -> mf.Mixture:
     """Build `recipe` into a committed mixture at `out_uri` (or `recipe.output`); see module doc."""
     out_uri = out_uri or recipe.output
     if not out_uri:
         raise BuildError("no output URI: pass --out or set `output` in the recipe")
+    if not recipe.tokenizer:
+        raise BuildError(f"recipe {recipe.name}: no tokenizer; set `tokenizer` in the recipe, or "
+                         "name a tokenizer step in the pipeline's data step")
     for source in recipe.sources:
         check_source(source)
-    if not storage.list_uris(recipe.tokenizer):
-        raise BuildError(f"tokenizer: {recipe.tokenizer} does not exist or is empty")
-    tokenizer_digest = _tokenizer_digest(recipe.tokenizer)
+    try:
+        tok_digest = tokenizer_digest(recipe.tokenizer)
+    except FileNotFoundError as e:
+        raise BuildError(str(e)) from None
     recipe_identity = recipe.identity()
     version = code_version()
 
     the_plan = plan(recipe)
-    plan_digest = digest_obj({"recipe": recipe_identity, "tokenizer": tokenizer_digest,
+    plan_digest = digest_obj({"recipe": recipe_identity, "tokenizer": tok_digest,
                               "code": version,
                               "entries": [[e.ref.location, e.copy] for e in the_plan.entries]})
     committed = _committed_plan(out_uri)
@@ -348,6 +338,8 @@ def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
     scanned = [s for part in _run_tasks(scan_chunk, [(recipe, c) for c in chunks], num_workers,
                                         "scan", progress) for s in part]
     survivors, rejects = _dedup(recipe, the_plan, scanned)
+    if not survivors:
+        raise BuildError(_nothing_left(recipe, the_plan, rejects))
 
     spp = recipe.samples_per_shard
     shard_jobs, markers = [], {}
@@ -365,7 +357,35 @@ def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
     written = _run_tasks(write_shard, [a for _, a in shard_jobs], num_workers, "write", progress)
     markers.update({s: m for (s, _), m in zip(shard_jobs, written)})
     shards = [markers[s] for s in sorted(markers)]
-    return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tokenizer_digest, version)
+    return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tok_digest, version)
+
+
+def vision_note(recipe: Recipe) -> str | None:
+    """What a recipe without a `vision:` block counts image tokens with (the 8B tower's
+    defaults), for the build summary; None when the recipe states its geometry."""
+    if "vision" in recipe.model_fields_set:
+        return None
+    v = recipe.vision
+    return (f"no `vision:` in recipe {recipe.name}: image tokens are counted for the default "
+            f"(LLaDA-V 8B) tower, {v.tile_size} px tiles of {v.patch_size} px patches, "
+            f"{recipe.image_aspect}, grid up to {v.max_grid}x{v.max_grid}; set `vision:` to your "
+            "model's tower (e.g. {tile_size: 32, patch_size: 8, max_grid: 2} for flavor tiny)")
+
+
+def _nothing_left(recipe: Recipe, the_plan: Plan, rejects: list[dict], top: int = 5) -> str:
+    """The message of a build that would commit an empty mixture: the top reject reasons, with
+    an example detail each, and the geometry a too_long reject was counted with."""
+    reasons = Counter(r["reason"] for r in rejects)
+    example = {r["reason"]: r for r in reversed(rejects)}
+    lines = [f"recipe {recipe.name}: every one of the {len(rejects)} planned records was "
+             f"rejected ({sum(the_plan.records.values())} read); nothing was committed. "
+             "Top reasons:"]
+    for reason, count in reasons.most_common(top):
+        r = example[reason]
+        lines.append(f"  {reason:<20} {count:>7}  e.g. {r['location']}: {r['detail']}")
+    if "too_long" in reasons and (note := vision_note(recipe)):
+        lines.append(f"  {note}")
+    return "\n".join(lines)
 
 
 def _committed_plan(out_uri: str) -> str | None:
@@ -409,7 +429,7 @@ def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list
 
 
 def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], rejects: list[dict],
-            plan_digest: str, tokenizer_digest: str, version: dict) -> mf.Mixture:
+            plan_digest: str, tok_digest: str, version: dict) -> mf.Mixture:
     rows = [row for shard in shards for row in shard["rows"]]
     # Shards left over from an earlier, larger build of the same URI are not part of this one.
     names = {s["name"] for s in shards}
@@ -426,7 +446,7 @@ def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], re
         "recipe": recipe.identity(),
         "recipe_digest": digest_obj(recipe.identity()),
         "plan_digest": plan_digest,
-        "tokenizer": {"uri": recipe.tokenizer, "digest": tokenizer_digest,
+        "tokenizer": {"uri": recipe.tokenizer, "digest": tok_digest,
                       "special_ids": load_tokenizer(recipe.tokenizer).special_ids()},
         "counts": _counts(recipe, the_plan, rows, rejects, len(shards)),
         "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "samples")} for s in shards],

@@ -67,6 +67,8 @@ class ImageBlob:
 class LoadedRecord:
     conversations: Any
     images: list[ImageBlob] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    """The record's other top-level fields (e.g. a test set's `choices`), as read."""
 
 
 class SourceError(RuntimeError):
@@ -85,11 +87,35 @@ def enumerate_source(source: Source) -> Iterator[RecordRef | Unreadable]:
     yield from reader(source)
 
 
-def load_record(source: Source, ref: RecordRef, cache: dict | None = None) -> LoadedRecord:
+def load_record(source: Source, ref: RecordRef, cache: dict | None = None, *,
+                with_images: bool = True) -> LoadedRecord:
+    """One record back from its ref. `with_images=False` skips reading image bytes (the images
+    list then holds blobs with empty data): for text-only passes such as training a tokenizer."""
     cache = {} if cache is None else cache
     loader = {"llava_json": _load_llava, "parquet": _load_parquet,
               "webdataset": _load_tar}[source.kind]
-    return loader(source, ref, cache)
+    return loader(source, ref, cache, with_images)
+
+
+KIND_BY_SUFFIX = {".json": "llava_json", ".jsonl": "llava_json", ".parquet": "parquet",
+                  ".tar": "webdataset"}
+
+
+def corpus_source(uri: str, *, name: str = "corpus", image_root: str | None = None) -> Source:
+    """A Source for a corpus given by its URI alone (a CLI's --corpus, a test file): the format
+    follows the file's suffix, or the suffix of the files in a folder."""
+    suffix = next((s for s in KIND_BY_SUFFIX if uri.endswith(s)), None)
+    if suffix is None:
+        found = {s for u in storage.list_uris(uri) for s in KIND_BY_SUFFIX if u.endswith(s)}
+        kinds = {KIND_BY_SUFFIX[s] for s in found}
+        if len(kinds) != 1:
+            raise SourceError(f"{uri}: cannot tell the corpus format; expected a .json/.jsonl, "
+                              f".parquet or .tar file, or a folder of one kind of them "
+                              f"(found {sorted(found) or 'none'})")
+        kind = kinds.pop()
+    else:
+        kind = KIND_BY_SUFFIX[suffix]
+    return Source(name=name, kind=kind, location=uri, image_root=image_root)
 
 
 def _files(location: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -223,7 +249,7 @@ def _safe_relative(path: str) -> str | None:
     return norm
 
 
-def _load_llava(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
+def _load_llava(source: Source, ref: RecordRef, cache: dict, with_images: bool) -> LoadedRecord:
     uri, offset, length = ref.locator
     try:
         obj = json.loads(storage.read_range(uri, offset, length))
@@ -242,10 +268,11 @@ def _load_llava(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
             raise BadRecord("unsafe_path", f"image path {rel!r} is not a relative path inside image_root")
         image_uri = storage.join(root, safe)
         try:
-            blobs.append(ImageBlob(image_uri, storage.read_bytes(image_uri)))
+            blobs.append(ImageBlob(image_uri, storage.read_bytes(image_uri) if with_images else b""))
         except FileNotFoundError:
             raise BadRecord("image_missing", f"{image_uri} does not exist") from None
-    return LoadedRecord(obj.get("conversations"), blobs)
+    fields = {k: v for k, v in obj.items() if k not in ("conversations", "image")}
+    return LoadedRecord(obj.get("conversations"), blobs, fields)
 
 
 # ---- parquet (LLaVA-OneVision layout) ---------------------------------------------------------
@@ -271,7 +298,7 @@ def _enumerate_parquet(source: Source) -> Iterator[RecordRef | Unreadable]:
                 row += 1
 
 
-def _load_parquet(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
+def _load_parquet(source: Source, ref: RecordRef, cache: dict, with_images: bool) -> LoadedRecord:
     import pyarrow.parquet as pq
 
     uri, rg, i = ref.locator
@@ -290,7 +317,8 @@ def _load_parquet(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise BadRecord("image_missing", f"image {k} has no bytes")
         blobs.append(ImageBlob(f"{ref.location}/image{k}", bytes(data)))
-    return LoadedRecord(row.get("conversations"), blobs)
+    fields = {k: v for k, v in row.items() if k not in ("conversations", "image", "images")}
+    return LoadedRecord(row.get("conversations"), blobs, fields)
 
 
 # ---- WebDataset tars (img2dataset layout) -----------------------------------------------------
@@ -333,9 +361,10 @@ def _enumerate_tars(source: Source) -> Iterator[RecordRef | Unreadable]:
             yield ref
 
 
-def _load_tar(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
+def _load_tar(source: Source, ref: RecordRef, cache: dict, with_images: bool) -> LoadedRecord:
     uri, members = ref.locator
-    parts = {ext: storage.read_range(uri, offset, size) for ext, offset, size in members}
+    parts = {ext: storage.read_range(uri, offset, size) if with_images or ext not in _IMAGE_EXTS
+             else b"" for ext, offset, size in members}
     meta: dict = {}
     if "json" in parts:
         try:
@@ -345,8 +374,9 @@ def _load_tar(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
         if not isinstance(meta, dict):
             raise BadRecord("malformed_record", f"{ref.location}.json is not an object")
     images = [ImageBlob(f"{ref.location}.{ext}", parts[ext]) for ext in _IMAGE_EXTS if ext in parts]
+    fields = {k: v for k, v in meta.items() if k != "conversations"}
     if "conversations" in meta:
-        return LoadedRecord(meta["conversations"], images)
+        return LoadedRecord(meta["conversations"], images, fields)
     caption = meta.get("caption")
     if caption is None and "txt" in parts:
         caption = parts["txt"].decode("utf-8", errors="replace")
@@ -354,4 +384,4 @@ def _load_tar(source: Source, ref: RecordRef, cache: dict) -> LoadedRecord:
         raise BadRecord("no_assistant_turn", "no caption (txt or json `caption`) and no conversations")
     prompt = ("<image>\n" if images else "") + source.caption_prompt
     return LoadedRecord([{"from": "human", "value": prompt}, {"from": "gpt", "value": caption.strip()}],
-                        images)
+                        images, fields)

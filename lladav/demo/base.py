@@ -1,4 +1,4 @@
-"""Tiny base checkpoints for the CPU demo: what LLaDA-8B-Instruct and SigLIP2 are to the paper.
+"""Tiny base checkpoints for any corpus: what LLaDA-8B-Instruct and SigLIP2 are to the paper.
 
 LLaDA-V's stage 1 starts from two pretrained checkpoints and trains only the projector between
 them (lladav_reference.md "Stages"). The demo cannot download them, and a randomly initialised
@@ -8,10 +8,14 @@ through the language model learns colour within ~500 steps but stays at chance o
 whereas from a tower pretrained as below the same model answers all three factors on its training
 set within ~200 steps. So the demo pretrains its tower first, like SigLIP does: a sigmoid
 image-text contrastive loss (Zhai et al. 2023) between the tower's image features and the
-captions of the synthetic images.
+texts of the corpus's own images: by default each record's last assistant turn (a caption, or
+the one-word answer of a classification-style corpus; `caption_turn` picks another).
 
-    write_base(corpus, tokenizer, out, flavor="tiny") -> {"language_model": out/llada,
-                                                          "vision_tower": out/siglip}
+    write_base(sources, tokenizer, out, flavor="tiny") -> {"language_model": out/llada,
+                                                           "vision_tower": out/siglip}
+
+`lladav base init`, the pipeline's `base` step and the demo's synth step (on the shapes'
+captions.json) call it.
 
 The tower is a plain `SiglipVisionModel` folder and the LM a `LLaDAModelLM` folder, loaded by
 `LLaDAVModel.from_components` exactly as the real ones are (a stage's `init.language_model` /
@@ -20,17 +24,23 @@ The tower is a plain `SiglipVisionModel` folder and the LM a `LLaDAModelLM` fold
 projector reads is what was trained; the text side is a bag of caption tokens, enough to tell
 the 27 captions apart. The language model stays a random initialisation: its template and
 answer words are learnt in seconds by the stages, and a tiny pretrained LM would add nothing the
-demo checks.
+demo checks. Records are read with the build's readers (data/sources.py); those without exactly
+one usable image, or whose chosen turn is missing, are skipped and counted in pretrain.json.
+At most `max_images` images are used: their tiles are held in memory (12 KB each at 32 px).
 
-Owns: the two base folders and the tower's pretraining. Does not own: drawing the corpus or the
-tokenizer (data/synthetic.py), the architectures (llada.py, lladav.py).
+Owns: the two base folders and the tower's pretraining. Does not own: reading corpora
+(data/sources.py), the tokenizer (data/tokenizer.py), the architectures (llada.py, lladav.py).
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import random
 import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from lladav.config import Source
 
 
 class _CaptionEncoder(nn.Module):
@@ -63,36 +75,76 @@ def sigmoid_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.T
     return -F.logsigmoid(z * logits).sum(dim=1).mean()
 
 
-def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
-               flavor: str = "tiny", steps: int = 600, batch_size: int = 32, lr: float = 1e-3,
-               seed: int = 0) -> dict[str, str]:
-    """Pretrain the flavour's vision tower on corpus/captions.json and write both base folders.
+def image_text_pairs(sources: Sequence[Source], caption_turn: str | int, skipped: Counter
+                     ) -> Iterator[tuple[bytes, str]]:
+    """(image bytes, text) of the sources' records with one image, in reading order: the text is
+    the assistant turn `caption_turn` picks ("last", "first" or an index among the assistant
+    turns). Records it passes over are counted in `skipped` by reason."""
+    from lladav.data import RecordError
+    from lladav.data.conversation import normalize_turns
+    from lladav.data.sources import Unreadable, enumerate_source, load_record
 
-    Returns {"language_model": folder, "vision_tower": folder}; the pretraining's settings and
-    its first and final loss go to out/pretrain.json. Same arguments give the same weights.
+    index = -1 if caption_turn == "last" else 0 if caption_turn == "first" else int(caption_turn)
+    for source in sources:
+        for ref in enumerate_source(source):
+            if isinstance(ref, Unreadable):
+                skipped[ref.code] += 1
+                continue
+            try:
+                record = load_record(source, ref)
+                turns = normalize_turns(record.conversations, len(record.images))
+            except RecordError as e:
+                skipped[e.code] += 1
+                continue
+            answers = [t.text for t in turns if t.role == "assistant"]
+            if len(record.images) != 1:
+                skipped["not_one_image"] += 1
+            elif not -len(answers) <= index < len(answers):
+                skipped["no_caption_turn"] += 1
+            else:
+                yield record.images[0].data, answers[index].strip()
+
+
+def write_base(sources: Sequence[Source], tokenizer: str, out: str, *, flavor: str = "tiny",
+               steps: int = 600, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+               caption_turn: str | int = "last", max_images: int = 20_000) -> dict[str, str]:
+    """Pretrain the flavour's vision tower on the sources' image-text pairs and publish both
+    base folders at `out` (local or URI).
+
+    Returns {"language_model": folder, "vision_tower": folder}; the pretraining's settings, its
+    first and final loss and the skipped records go to out/pretrain.json. Same arguments give
+    the same weights.
     """
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from lladav.data.conversation import ChatTokenizer
+    from lladav import storage
     from lladav.data.images import image_tiles
+    from lladav.data.tokenizer import load_tokenizer
     from lladav.model.flavors import FLAVORS, lladav_config_for
     from lladav.model.llada import LLaDAModelLM
 
-    corpus, out = Path(corpus), Path(out)
-    tok = ChatTokenizer.from_folder(tokenizer)
+    tok = load_tokenizer(str(tokenizer))
     entry = FLAVORS[flavor]
     config = lladav_config_for(flavor, tok)
     geometry, layer = config.geometry, entry["llada_v"]["vision_feature_layer"]
 
-    records = [r for r in json.loads((corpus / "captions.json").read_text(encoding="utf-8"))
-               if "image" in r]
-    if len(records) < 2:
-        raise ValueError(f"{corpus / 'captions.json'}: need at least 2 image records to "
-                         f"pretrain the tower, found {len(records)}")
-    pixels = torch.from_numpy(np.concatenate([
-        image_tiles(Image.open(corpus / r["image"]).convert("RGB"), geometry, "square", 1)
-        for r in records]))                                                    # (N, 3, T, T)
-    texts = [r["conversations"][1]["value"] for r in records]
+    skipped: Counter = Counter()
+    tiles, texts = [], []
+    for blob, text in itertools.islice(image_text_pairs(sources, caption_turn, skipped),
+                                       max_images):
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                tiles.append(image_tiles(image.convert("RGB"), geometry, "square", 1))
+        except Exception:  # noqa: BLE001 - PIL raises many types; a build would reject it too
+            skipped["image_undecodable"] += 1
+            continue
+        texts.append(text)
+    if len(texts) < 2:
+        where = ", ".join(s.location for s in sources)
+        raise ValueError(f"{where}: need at least 2 records with one image and an assistant turn "
+                         f"to pretrain the tower, found {len(texts)} (skipped: {dict(skipped)})")
+    pixels = torch.from_numpy(np.concatenate(tiles))                         # (N, 3, T, T)
+    del tiles
     caption_ids = [torch.tensor(tok.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
     caption_class = {t: i for i, t in enumerate(sorted(set(texts)))}
     classes = torch.tensor([caption_class[t] for t in texts])
@@ -111,7 +163,7 @@ def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
     tower.train()
     loss, first_loss = torch.tensor(float("nan")), float("nan")
     for step in range(steps):
-        idx = torch.tensor(order.sample(range(len(records)), min(batch_size, len(records))))
+        idx = torch.tensor(order.sample(range(len(texts)), min(batch_size, len(texts))))
         hidden = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[layer]
         img = F.normalize(head(hidden.mean(dim=1)), dim=-1)
         ids = [caption_ids[i] for i in idx.tolist()]
@@ -128,11 +180,12 @@ def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
 
     # Written aside and published whole (storage.publish_folder): a crash mid-write leaves the
     # previous base folder, or none, never half of one.
-    from lladav import storage
-
     summary: dict[str, Any] = {"flavor": flavor, "steps": steps, "batch_size": batch_size,
                                "lr": lr, "seed": seed, "first_loss": first_loss,
-                               "final_loss": float(loss.detach()), "images": len(records)}
+                               "final_loss": float(loss.detach()), "images": len(texts),
+                               "classes": len(caption_class), "caption_turn": caption_turn,
+                               "skipped": dict(sorted(skipped.items())),
+                               "sources": [s.location for s in sources]}
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
         tower.save_pretrained(staged / "siglip")
@@ -141,5 +194,5 @@ def write_base(corpus: str | Path, tokenizer: str | Path, out: str | Path, *,
         (staged / "pretrain.json").write_text(json.dumps(summary, indent=1) + "\n",
                                               encoding="utf-8")
         storage.publish_folder(staged, str(out), last="pretrain.json")
-    paths = {"language_model": out / "llada", "vision_tower": out / "siglip"}
-    return {k: str(v) for k, v in paths.items()}
+    return {"language_model": storage.join(str(out), "llada"),
+            "vision_tower": storage.join(str(out), "siglip")}

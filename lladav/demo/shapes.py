@@ -1,4 +1,4 @@
-"""Synthetic corpora with checkable answers, and a tiny byte-level tokenizer trained on them.
+"""The demo's synthetic shapes corpus: images with checkable answers, and its tokenizer.
 
 LLaDA-V's corpora (LLaVA-Pretrain, MAmmoTH-VL, VisualWebInstruct) and its 126K-token tokenizer
 cannot be fetched by the CPU demo or the tests, so this module generates stand-ins of the same
@@ -14,11 +14,13 @@ Every question asks for one factor, so chance is 1/3 and every answer is one of 
     out_dir/captions.json    stage 1: "A red circle on the left."
     out_dir/qa.json          stage 2: one-word answers, a third two-turn, a few text-only records
     out_dir/reasoning.json   stage 3: "The shape has three corners, so it is a triangle. Answer: triangle"
-    out_dir/heldout.json     unseen images, one question each, with "answer" and "choices"
+    out_dir/heldout.json     unseen images, one question each (the last turn is the expected
+                             answer; also "answer", "choices" and the asked "factor")
 
 Every record carries `meta` = {colour, kind, position}, the truth the pixels were drawn from.
-Owns: drawing, the question wording, the tokenizer's training. Does not own: templating
-(data/conversation.py), reading corpora (data/sources.py) or scoring a model's answers.
+Owns: drawing and the question wording. Does not own: training the tokenizer
+(data/tokenizer.py), templating (data/conversation.py), reading corpora (data/sources.py) or
+scoring a model's answers (evaluate.py).
 Same arguments give byte-identical files (fixed JPEG settings, no metadata, one seeded RNG).
 """
 
@@ -26,14 +28,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from lladav.data.conversation import (BOS, EOS, IMAGE, MASK, SPECIAL_TOKENS, SYSTEM_PROMPT)
+from lladav.data.conversation import IMAGE, SYSTEM_PROMPT
+from lladav.data.tokenizer import TEMPLATE_WORDS, train_tokenizer
 
 KINDS = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue")
@@ -74,7 +75,6 @@ TEXT_ONLY = [
     ("Which word is a shape: blue, square or right? Answer with one word.", "square"),
     ("Which word is a position: green, triangle or centre? Answer with one word.", "centre"),
 ]
-TEMPLATE_WORDS = ["system", "user", "assistant", " /think", " /no_think"]
 
 
 def question(factor: str, suffix: str = SHORT_SUFFIX) -> str:
@@ -213,37 +213,6 @@ def corpus_texts(out_dir: str | Path) -> list[str]:
             for record in json.loads(path.read_text(encoding="utf-8")):
                 texts.extend(turn["value"] for turn in record["conversations"])
     return texts
-
-
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 512) -> Path:
-    """Train a byte-level BPE on texts and save it as a LLaDA-like PreTrainedTokenizerFast.
-
-    The special tokens take ids 0-6 and never split; the tokenizer adds no BOS/EOS (as LLaDA's);
-    decoding gives back the exact bytes. vocab_size counts the special tokens and the 256 bytes.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} < {256 + len(SPECIAL_TOKENS)} "
-                         "(256 byte tokens + the special tokens)")
-    # Special tokens are cut out of the training text so no merge ever spans them.
-    splitter = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
-    pieces = [p for text in texts for p in splitter.split(text) if p]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  min_frequency=1, show_progress=False)
-    backend.train_from_iterator(pieces, trainer)
-    extra = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, MASK)]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=EOS, mask_token=MASK,
-        additional_special_tokens=extra, clean_up_tokenization_spaces=False)
-    out_dir = Path(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def synth_all(out_dir: str | Path, *, vocab_size: int = 512, **corpus_kw: Any) -> dict:

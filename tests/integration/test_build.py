@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_shards_open_with_plain_webdataset_and_ray_data(tmp_path, synth_dir):
         ids, targets = sample["ids.npy"], sample["targets.npy"]
         assert ids.dtype == np.int32 and targets.shape == ids.shape
         assert int((ids >= 0).sum()) == row["n_text_tokens"]
-        assert int(targets.sum()) == row["n_target_tokens"]
+        assert int((targets != 0).sum()) == row["n_target_tokens"]
+        assert set(np.unique(targets).tolist()) <= {0, 1, 2} and (targets == 2).any()  # 2: answers
         images = [sample[k] for k in sorted(sample) if k.startswith("img")]
         assert [im.size for im in images] == list(zip(row["image_widths"], row["image_heights"]))
         meta = sample["json"]
@@ -270,6 +272,30 @@ def test_invalid_recipe_or_missing_source_fails_fast_and_leaves_nothing(tmp_path
     assert run.returncode == 2
     assert "nowhere.json" in run.stdout + run.stderr and "gone" in run.stdout + run.stderr
     assert not (out / "mixture.json").exists()
+    with pytest.raises(MixtureNotCommitted):
+        open_mixture(str(out))
+
+
+def test_a_build_that_would_commit_nothing_fails_with_its_top_reasons(tmp_path, synth_dir,
+                                                                     ray_cluster):
+    """A tiny-model recipe without `vision:` counts 8B image tokens, so every image record is
+    too long: the build exits non-zero, commits nothing and says why and what to set."""
+    corpus, tok = synth_dir / "corpus", synth_dir / "tokenizer"
+    data = yaml.safe_load(_recipe(tmp_path, corpus, tok, max_length=300).read_text())
+    del data["vision"]
+    data["sources"][0]["filters"] = {"require_image": True}  # qa's text-only records: filtered
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "lladav.cli", "data", "build", str(path), "--out",
+                          str(out)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    text = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode == 2, text
+    assert "nothing was committed" in text and "Top reasons" in text
+    assert re.search(r"too_long +\d+ +e\.g\. \S+\.json#byte=\d+: \d+ tokens \(\d+ text \+ \d+ image\)", text), text
+    assert re.search(r"filtered +\d+ +e\.g\. .*require_image", text), text
+    assert "no `vision:` in recipe qa" in text and "384 px tiles of 14 px patches" in text
     with pytest.raises(MixtureNotCommitted):
         open_mixture(str(out))
 

@@ -1,9 +1,11 @@
-"""The demo's base checkpoints (model/base.py): a pretrained tiny tower that sees what the
-questions ask, loadable as a stage-1 init exactly as LLaDA-8B + SigLIP2 folders are."""
+"""Tiny base checkpoints (demo/base.py): a pretrained tiny tower that sees what the questions
+ask, loadable as a stage-1 init exactly as LLaDA-8B + SigLIP2 folders are, for the shapes and
+for any corpus (its chosen assistant turn as the image's text)."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +13,24 @@ import pytest
 import torch
 from PIL import Image
 
-from lladav.config import load_stage
+from lladav.config import ConfigError, VisionGeometry, load_recipe, load_stage
 from lladav.data.conversation import ChatTokenizer
 from lladav.data.images import image_tiles
-from lladav.model.base import sigmoid_contrastive_loss, write_base
+from lladav.data.sources import corpus_source
+from lladav.demo.base import image_text_pairs, sigmoid_contrastive_loss, write_base
 from lladav.model.lladav import LLaDAVModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def captions(synth_dir: Path) -> list:
+    return [corpus_source(str(synth_dir / "corpus" / "captions.json"))]
+
+
 @pytest.fixture(scope="module")
 def base(synth_dir: Path, tmp_path_factory) -> dict[str, str]:
-    return write_base(synth_dir / "corpus", synth_dir / "tokenizer",
-                      tmp_path_factory.mktemp("base"), steps=300)
+    return write_base(captions(synth_dir), str(synth_dir / "tokenizer"),
+                      str(tmp_path_factory.mktemp("base")), steps=300)
 
 
 def _centroid_accuracy(model: LLaDAVModel, corpus: Path, factor: str) -> float:
@@ -74,8 +81,8 @@ def test_pretrained_tower_tells_every_factor_apart_where_a_random_one_does_not(b
 
 
 def test_same_arguments_give_the_same_weights(synth_dir, tmp_path):
-    a = write_base(synth_dir / "corpus", synth_dir / "tokenizer", tmp_path / "a", steps=3)
-    b = write_base(synth_dir / "corpus", synth_dir / "tokenizer", tmp_path / "b", steps=3)
+    a = write_base(captions(synth_dir), str(synth_dir / "tokenizer"), str(tmp_path / "a"), steps=3)
+    b = write_base(captions(synth_dir), str(synth_dir / "tokenizer"), str(tmp_path / "b"), steps=3)
     for key in a:
         files = sorted(p.name for p in Path(a[key]).glob("*.safetensors"))
         assert files
@@ -90,12 +97,38 @@ def test_tiny_stage1_starts_from_the_base_folders_on_the_tiny_grid(base, synth_d
                        {"init": {"language_model": base["language_model"],
                                  "vision_tower": base["vision_tower"]}})
     tok = ChatTokenizer.from_folder(synth_dir / "tokenizer")
-    config, weights = initial_weights(stage, tok)
+    recipe = load_recipe(ROOT / "data_recipes/tiny_stage1.yaml")
+    geometry = recipe.vision.model_copy(update={"image_aspect": recipe.image_aspect})
+    config, weights = initial_weights(stage, tok, geometry)
+    # The grid and aspect are the mixture's: the model takes them from it.
     assert (config.max_grid, config.max_tiles_area, config.image_aspect) == (2, 4, "square")
     model = LLaDAVModel(config)
     model.load_state_dict(weights)
     groups, _ = apply_stage(model, stage)
     assert [g["name"] for g in groups] == ["projector"]
+    # A mixture counted for the 8B tower is refused, naming both geometries and the fix.
+    with pytest.raises(ConfigError, match=r"384 px tiles of 14 px.*32 px tiles of 8 px.*"
+                                          r"tile_size: 32, patch_size: 8"):
+        initial_weights(stage, tok, VisionGeometry(image_aspect="square"))
+
+
+def test_the_images_text_is_the_chosen_assistant_turn(tmp_path, synth_dir):
+    corpus = synth_dir / "corpus"
+    records = json.loads((corpus / "qa.json").read_text())
+    two_turn = [r for r in records if len(r["conversations"]) == 4][:2]
+    text_only = [r for r in records if "image" not in r][:1]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(two_turn + text_only))
+    source = [corpus_source(str(path), image_root=str(corpus))]
+    for turn, index in (("last", 3), ("first", 1), (0, 1), (1, 3)):
+        skipped: Counter = Counter()
+        pairs = list(image_text_pairs(source, turn, skipped))
+        assert [t for _, t in pairs] == [r["conversations"][index]["value"] for r in two_turn]
+        assert pairs[0][0] == (corpus / two_turn[0]["image"]).read_bytes()
+        assert skipped == Counter({"not_one_image": 1})
+    skipped = Counter()
+    assert list(image_text_pairs(source, 2, skipped)) == []
+    assert skipped == Counter({"not_one_image": 1, "no_caption_turn": 2})
 
 
 def test_contrastive_loss_prefers_matching_pairs():

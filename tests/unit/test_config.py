@@ -34,7 +34,7 @@ def test_valid_recipe_resolves_relative_uris(tmp_path):
     ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "filters": {"max_turn": 2}}]},
      "sources.0.filters.max_turn: unknown key"),
     ({"template": "chatml"}, "template"),
-    ({"tokenizer": None}, "tokenizer"),
+    ({"tokenizer": 3}, "tokenizer"),
 ])
 def test_invalid_recipe_names_the_field(tmp_path, patch, field):
     with pytest.raises(ConfigError) as err:
@@ -44,8 +44,8 @@ def test_invalid_recipe_names_the_field(tmp_path, patch, field):
 
 
 def test_missing_required_field_and_duplicate_sources(tmp_path):
-    with pytest.raises(ConfigError, match="tokenizer: required field is missing"):
-        load_recipe(write(tmp_path, {k: v for k, v in BASE.items() if k != "tokenizer"}))
+    with pytest.raises(ConfigError, match="sources: required field is missing"):
+        load_recipe(write(tmp_path, {k: v for k, v in BASE.items() if k != "sources"}))
     two = [BASE["sources"][0], BASE["sources"][0]]
     with pytest.raises(ConfigError, match="repeated: a"):
         load_recipe(write(tmp_path, {**BASE, "sources": two}))
@@ -86,3 +86,14 @@ def test_stage_config_resolves_paths_and_checks_its_init(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_stage(p)
         assert field in str(err.value), (bad, str(err.value))
+
+
+def test_a_recipe_without_a_tokenizer_validates_but_does_not_build(tmp_path):
+    """A pipeline's tokenizer step may supply it; building without one fails before any work."""
+    from lladav.data.build import BuildError, build
+
+    recipe = load_recipe(write(tmp_path, {k: v for k, v in BASE.items() if k != "tokenizer"}))
+    assert recipe.tokenizer is None
+    with pytest.raises(BuildError, match="no tokenizer.*tokenizer step"):
+        build(recipe, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

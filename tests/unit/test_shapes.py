@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from lladav.data.conversation import BOS, EOS, IMAGE, MASK, SPECIAL_TOKENS, ChatTokenizer
-from lladav.data.synthetic import (COLOURS, FACTORS, KINDS, POSITION_X, POSITIONS, RGB,
-                                   corpus_texts, synth_all, synth_corpus, train_tokenizer)
+from lladav.demo.shapes import (COLOURS, FACTORS, KINDS, POSITION_X, POSITIONS, RGB,
+                                corpus_texts, synth_all, synth_corpus)
+from lladav.data.tokenizer import train_tokenizer
 
 TRAIN_FILES = ("captions.json", "qa.json", "reasoning.json")
 N_TRAIN, N_HELDOUT, SIZE = 60, 30, 48
