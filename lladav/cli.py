@@ -23,6 +23,10 @@ pipeline_app = typer.Typer(no_args_is_help=True, help="Run stage pipelines as du
 app.add_typer(pipeline_app, name="pipeline")
 lineage_app = typer.Typer(no_args_is_help=True, help="Ask MLflow which data, code and parents made a model.")
 app.add_typer(lineage_app, name="lineage")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train a tokenizer for your own corpus.")
+app.add_typer(tokenizer_app, name="tokenizer")
+base_app = typer.Typer(no_args_is_help=True, help="Tiny base checkpoints for your own corpus.")
+app.add_typer(base_app, name="base")
 # Piped output (CI logs, `make demo | tee`) gets a fixed width wide enough for the tables.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -35,12 +39,14 @@ def _known_errors() -> Iterator[None]:
     from lladav.data.build import BuildError
     from lladav.data.manifest import MixtureNotCommitted
     from lladav.data.sources import SourceError
-
+    from lladav.evaluate import TestSetError
     from lladav.lineage import LineageError
+    from lladav.storage import StorageError
 
     try:
         yield
-    except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError) as e:
+    except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
+            TestSetError, StorageError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -96,8 +102,12 @@ def data_build(
     from lladav.config import load_recipe
     from lladav.data.build import build
 
+    from lladav.data.build import vision_note
+
     with _known_errors():
         r = load_recipe(recipe)
+        if note := vision_note(r):
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         with _progress_bar() as progress:
             mixture = build(r, out, num_workers=num_workers, overwrite=overwrite, progress=progress)
         print_summary(mixture)
@@ -119,8 +129,8 @@ def data_synth(
     n_heldout: int = typer.Option(90, help="Held-out questions."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Generate the synthetic shapes corpus (LLaVA JSON + images) and a tiny tokenizer."""
-    from lladav.data.synthetic import synth_all
+    """Generate the demo's synthetic shapes corpus (LLaVA JSON + images) and a tiny tokenizer."""
+    from lladav.demo.shapes import synth_all
 
     result = synth_all(out, n_train=n_train, n_heldout=n_heldout, seed=seed)
     console.print(f"wrote {out}: {result}")
@@ -156,13 +166,14 @@ def train_cmd(
 def generate_cmd(
     model: str = typer.Option(..., "--model", help="Exported LLaDA-V folder or URI (model + tokenizer)."),
     image: list[Path] = typer.Option([], "--image", help="Image file; repeat for several."),
-    prompt: str = typer.Option(..., "--prompt", help="The question; <image> marks where images go."),
+    prompt: str = typer.Option(..., "--prompt", help="The question. <image> marks where images go; without one, the images go first."),
     steps: int = typer.Option(32, "--steps"),
     gen_length: int = typer.Option(32, "--gen-length"),
     block_length: int = typer.Option(32, "--block-length"),
     threshold: float = typer.Option(None, "--threshold", help="Confidence-threshold parallel decoding."),
     temperature: float = typer.Option(0.0, "--temperature"),
     prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the finished prefix's keys/values."),
+    tag: str = typer.Option(None, "--tag", help="Appended to the question, as a recipe's `tag` was in training (e.g. /no_think)."),
 ) -> None:
     """Answer a question about images with an exported model; prints the answer."""
     from PIL import Image
@@ -173,8 +184,117 @@ def generate_cmd(
     settings = SamplerSettings(gen_length=gen_length, block_length=block_length, steps=steps,
                                threshold=threshold, temperature=temperature,
                                use_prefix_cache=prefix_cache)
-    result = answer(net, tok, [Image.open(p).convert("RGB") for p in image], prompt, settings)
+    result = answer(net, tok, [Image.open(p).convert("RGB") for p in image], prompt, settings, tag=tag)
     print(result.text)
+
+
+# ---- your own corpus: tokenizer, base checkpoints, evaluation ----------------------------------
+
+def _corpus_sources(recipe: Path | None, corpus: list[str], image_root: str | None) -> list[Any]:
+    from lladav.config import ConfigError, load_recipe
+    from lladav.data.sources import corpus_source
+
+    if bool(recipe) == bool(corpus):
+        raise ConfigError("give exactly one of --recipe and --corpus")
+    if recipe:
+        return list(load_recipe(recipe).sources)
+    return [corpus_source(c, name=f"corpus{i}", image_root=image_root) for i, c in enumerate(corpus)]
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    out: str = typer.Option(..., "--out", help="Folder or URI to write the tokenizer to."),
+    recipe: Path = typer.Option(None, "--recipe", help="Train on the texts of this recipe's sources."),
+    corpus: list[str] = typer.Option([], "--corpus", help="Or a corpus file/folder/URI (.json, .jsonl, .parquet, .tar); repeat for several."),
+    vocab_size: int = typer.Option(1024, "--vocab-size", min=263, help="Vocabulary size incl. 256 bytes and 7 special tokens."),
+    max_records: int = typer.Option(None, "--max-records", help="Read at most this many records per source."),
+) -> None:
+    """A byte-level BPE with LLaDA's special tokens, trained on your corpus's texts."""
+    from lladav.data.tokenizer import corpus_texts, load_tokenizer, train_to_uri
+
+    with _known_errors():
+        sources = _corpus_sources(recipe, corpus, None)
+        uri = train_to_uri(corpus_texts(sources, max_records), out, vocab_size=vocab_size)
+        tok = load_tokenizer(uri)
+    console.print(f"tokenizer: [bold]{uri}[/] ({len(tok.tokenizer)} tokens; special ids "
+                  f"{tok.special_ids()})", highlight=False)
+
+
+@base_app.command("init")
+def base_init(
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer folder or URI (lladav tokenizer train)."),
+    out: str = typer.Option(..., "--out", help="Folder or URI to write llada/ and siglip/ to."),
+    recipe: Path = typer.Option(None, "--recipe", help="Pretrain on this recipe's sources."),
+    corpus: list[str] = typer.Option([], "--corpus", help="Or a corpus file/folder/URI; repeat for several."),
+    image_root: str = typer.Option(None, "--image-root", help="With --corpus: where relative image paths resolve."),
+    flavor: str = typer.Option("tiny", "--flavor", help="Model flavour (lladav/model/flavors.py)."),
+    steps: int = typer.Option(600, "--steps", min=0, help="Tower pretraining steps."),
+    caption_turn: str = typer.Option("last", "--caption-turn", help="The image's text: last, first, or an index among a record's assistant turns."),
+    max_images: int = typer.Option(20_000, "--max-images", min=2),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """A random LLaDA speaking the tokenizer + a SigLIP tower pretrained on the corpus's
+    image-text pairs: a stage's init.language_model / init.vision_tower."""
+    from lladav.demo.base import write_base
+
+    turn: str | int = int(caption_turn) if caption_turn.lstrip("-").isdigit() else caption_turn
+    with _known_errors():
+        sources = _corpus_sources(recipe, corpus, image_root)
+        paths = write_base(sources, tokenizer, out, flavor=flavor, steps=steps, seed=seed,
+                           caption_turn=turn, max_images=max_images)
+    for k, v in paths.items():
+        console.print(f"init.{k}: [bold]{v}[/]", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="Exported LLaDA-V folder or URI."),
+    data: str = typer.Option(..., "--data", help="Test set: LLaVA .json/.jsonl or .parquet; the last assistant turn of each record is the expected answer."),
+    image_root: str = typer.Option(None, "--image-root", help="Where relative image paths resolve (default: the file's folder)."),
+    scoring: str = typer.Option("exact", "--scoring", help="exact | choice | contains | regex"),
+    tag: str = typer.Option(None, "--tag", help="Appended to every user turn, as a recipe's `tag` was in training."),
+    limit: int = typer.Option(None, "--limit", min=1),
+    gen_length: int = typer.Option(8, "--gen-length", min=1),
+    block_length: int = typer.Option(None, "--block-length", min=1, help="Default: gen-length."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Default: gen-length."),
+    remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence | random"),
+    threshold: float = typer.Option(None, "--threshold"),
+    group_by: str = typer.Option(None, "--group-by", help="A record field to break accuracy down by."),
+    samples_out: Path = typer.Option(None, "--samples", help="Write every answer as JSON here."),
+) -> None:
+    """Answer a test set with an export and score it: accuracy, per-class table, confusions."""
+    import json
+
+    from lladav.evaluate import evaluate
+    from lladav.inference import SamplerSettings
+
+    with _known_errors():
+        settings = SamplerSettings(gen_length=gen_length, block_length=block_length or gen_length,
+                                   steps=steps or gen_length, remasking=remasking,
+                                   threshold=threshold)
+        with _progress_bar() as progress:
+            result = evaluate(model, data, settings, image_root=image_root, scoring=scoring,
+                              tag=tag, limit=limit, group_by=group_by, progress=progress)
+    print_eval(result, data)
+    if samples_out:
+        samples_out.write_text(json.dumps(result.samples, indent=1, ensure_ascii=False))
+        console.print(f"samples: {samples_out}")
+
+
+def print_eval(result: Any, data: str) -> None:
+    """Accuracy, then a table per expected answer with its most frequent wrong predictions."""
+    table = Table(title=f"{data}: accuracy {result.accuracy:.1%} on {result.n} "
+                        f"(chance {result.chance:.0%})", title_justify="left")
+    for col in ("expected", "n", "accuracy", "most confused with"):
+        table.add_column(col, justify="right" if col in ("n", "accuracy") else "left")
+    for want, acc in result.by_class.items():
+        row = result.confusion.get(want, {})
+        wrong = sorted(((n, p) for p, n in row.items() if p != want), reverse=True)[:3]
+        table.add_row(want, str(sum(row.values())), f"{acc:.0%}",
+                      ", ".join(f"{p} ({n})" for n, p in wrong))
+    console.print(table)
+    for group, acc in result.by_group.items():
+        console.print(f"  {group}: {acc:.1%}", highlight=False)
 
 
 # ---- pipelines and lineage -------------------------------------------------------------------
@@ -245,8 +365,9 @@ def pipeline_run(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) ->
         for p in steps:
             if p.kind == "eval":
                 out = p.record["outputs"]
-                console.print(f"[bold]{p.name}: held-out accuracy {out['accuracy']:.1%}[/] "
-                              f"on {out['n']} questions (chance {out['chance']:.0%}) for {out['export']}")
+                console.print(f"[bold]{p.name}: accuracy {out['accuracy']:.1%}[/] on {out['n']} "
+                              f"records of {out.get('data', 'the test set')} (chance "
+                              f"{out['chance']:.0%}) for {out['export']}", highlight=False)
         last = [p for p in steps if p.kind == "stage"]
         if last:
             export = last[-1].record["outputs"]["export"]

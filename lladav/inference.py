@@ -57,10 +57,13 @@ def load(folder_or_uri: str) -> tuple[Any, ChatTokenizer]:
 
 
 @torch.no_grad()
-def answer(model: Any, tok: ChatTokenizer, images: list[Any], question: str,
-           settings: SamplerSettings = SamplerSettings()) -> Answer:
-    """Generate an answer to `question` about `images` (PIL images, possibly none)."""
-    ids = torch.from_numpy(prompt_ids(question, tok, n_images=len(images))).long()
+def answer(model: Any, tok: ChatTokenizer, images: list[Any], question: str | list[dict[str, str]],
+           settings: SamplerSettings = SamplerSettings(), tag: str | None = None) -> Answer:
+    """Generate an answer to `question` (one user turn, or LLaVA messages ending with the user
+    turn to answer) about `images` (PIL images, possibly none); `tag` is appended to every user
+    turn, as a recipe source's `tag` was in training. `<image>` placeholders are added in front
+    of the first user turn when the text has none."""
+    ids = torch.from_numpy(prompt_ids(question, tok, n_images=len(images), tag=tag)).long()
     tiles = [model.pixel_tiles(img, n_images=len(images)) for img in images]
     embeds, _ = model.embed_multimodal([ids], [tiles], [[img.size for img in images]])
     denoiser = EmbeddingDenoiser(model.language_model, model.get_input_embeddings(), embeds,

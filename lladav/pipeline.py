@@ -6,7 +6,7 @@ live under a folder named by that key, so a key is also an address:
 
     <storage>/steps/<step>/<key[:16]>/   started.json  written when the step starts (+ its MLflow run)
                                           done.json     written last, atomically: the step is done
-                                          mixture/ | export/ + checkpoints/ | eval/
+                                          tokenizer/ | base/ | mixture/ | export/ + checkpoints/
 
     done.json present     -> the step is skipped (its outputs are read from done.json)
     only started.json     -> interrupted: rerun in the same folder, which resumes (a build keeps
@@ -16,6 +16,9 @@ live under a folder named by that key, so a key is also an address:
                              downstream gets new keys too, so it reruns as well
 
 Steps run in file order (references may only point backwards, so that is a topological order).
+`plan` also checks, before any step runs, what can be checked without running: every recipe and
+stage validates, each stage's mixture was built for its model's vision tower (tile and patch
+size), and each eval step's test set exists, parses and has an answer per record.
 Owns: keys, step folders, the order of execution and the per-kind glue. Does not own: building
 (data/build.py), training (train/launch.py), scoring (evaluate.py) or MLflow (lineage.py).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,8 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lladav import storage
-from lladav.config import (DataStep, EvalStep, PipelineConfig, StageStep, SynthStep, load_recipe,
-                           load_stage)
+from lladav.config import (BaseStep, ConfigError, DataStep, EvalStep, PipelineConfig, StageStep,
+                           SynthStep, TokenizerStep, VisionGeometry, load_recipe, load_stage, merge)
 from lladav.digest import code_version, digest_obj, pretty_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,8 @@ class PlannedStep:
     key: str
     folder: str
     config: Any
-    """What the step runs: a Recipe, a StageConfig (URIs filled in) or the step itself."""
+    """What the step runs: a Recipe, a StageConfig (URIs filled in) or the step itself (its
+    references to other steps filled in with their outputs' URIs)."""
     identity: dict[str, Any]
     """What the key digests."""
     state: str = "pending"
@@ -79,16 +84,30 @@ def _code_identity() -> dict[str, Any]:
     return {k: v.get(k) for k in ("lladav", "git_tree", "git_diff_sha256")}
 
 
-def _outputs(folder: str) -> dict[str, str]:
-    return {"mixture": storage.join(folder, "mixture"), "export": storage.join(folder, "export"),
-            "checkpoints": storage.join(folder, "checkpoints"), "eval": storage.join(folder, "eval")}
+_OUTPUTS = ("mixture", "export", "checkpoints", "tokenizer", "base")
+
+
+def _outputs(folder: str | None) -> dict[str, str]:
+    """Where a step writes under its folder; placeholders when the folder is not known yet."""
+    return {k: storage.join(folder, k) if folder else f"<{k}>" for k in _OUTPUTS}
+
+
+def _provided(p: PlannedStep, what: str) -> str:
+    """The URI of a `tokenizer` or `base` an upstream step provides (a synth step keeps them in
+    its own output folder, the others in their step folder)."""
+    if isinstance(p.step, SynthStep):
+        return storage.join(p.step.output, what)
+    return _outputs(p.folder)[what]
 
 
 def plan(pipe: PipelineConfig) -> list[PlannedStep]:
-    """Every step with its key, folder, resolved config and state; validates all configs."""
+    """Every step with its key, folder, resolved config and state; validates all configs, the
+    geometry of every stage against its mixture and every eval step's test set (ConfigError or
+    evaluate.TestSetError, naming the file and the fix)."""
     code = _code_identity()
     root = storage_root(pipe)
     planned: dict[str, PlannedStep] = {}
+    towers: dict[str, tuple[int, int, str] | None] = {}
     for step in pipe.steps:
         up = {role: planned[ref] for role, ref in step.refs().items()}
         inputs = {role: p.key for role, p in up.items()}
@@ -98,43 +117,110 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         folder = storage.join(root, "steps", step.name, key[:16])
         config, _ = _resolve(step, up, folder)
         p = PlannedStep(step, key, folder, config, identity)
+        if isinstance(step, StageStep):
+            towers[step.name] = _check_stage_geometry(p, up, towers)
+        if isinstance(step, EvalStep) and "data" not in up:
+            _check_test_set(step)
         _read_state(p, root)
         planned[step.name] = p
     return list(planned.values())
 
 
+def _check_test_set(step: EvalStep) -> None:
+    """Every record of the eval step's test set parses and has an answer (TestSetError naming the
+    file and record otherwise); storage that cannot be reached from here (a laptop planning a
+    cluster pipeline) leaves it to the run, as it leaves step states unknown."""
+    from lladav.evaluate import check_test_set
+
+    try:
+        check_test_set(step.data, image_root=step.image_root, limit=step.limit,
+                       scoring=step.scoring)
+    except storage.StorageError as e:
+        log.info("eval step %s: test set not checked (%s)", step.name, e)
+
+
+def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
+                          towers: dict[str, tuple[int, int, str] | None]) -> tuple | None:
+    """The stage's tower (tile, patch, where) as far as it can be known before running, checked
+    against its mixture's geometry (the recipe's, or a committed mixture's mixture.json)."""
+    from lladav.data.manifest import MixtureNotCommitted, open_mixture
+    from lladav.model.flavors import FLAVORS
+    from lladav.train.stage import check_geometry, tower_geometry
+
+    stage = p.config
+    if "init" in up:
+        tower = towers.get(up["init"].name)
+    elif "base" in up:
+        flavor = getattr(up["base"].step, "flavor", "tiny")
+        spec = FLAVORS.get(flavor, {}).get("vision_tower")
+        if spec is None:
+            raise ConfigError(f"step {up['base'].name}: unknown flavor {flavor!r}; valid: "
+                              f"{sorted(n for n, f in FLAVORS.items() if 'vision_tower' in f)}")
+        tower = (spec["image_size"], spec["patch_size"], f"base step {up['base'].name}, flavor {flavor}")
+    else:
+        tower = tower_geometry(stage.init)
+    if "mixture" in up:
+        recipe = up["mixture"].config
+        geometry: VisionGeometry | None = recipe.vision
+        where = f"step {up['mixture'].name}, recipe {up['mixture'].step.recipe}"
+    else:
+        try:
+            geometry, where = open_mixture(stage.mixture).geometry, stage.mixture
+        except (MixtureNotCommitted, storage.StorageError, FileNotFoundError):
+            geometry = None
+    if geometry is not None:
+        check_geometry(p.name, tower, geometry, where)
+    return tower
+
+
 def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None) -> tuple[Any, dict[str, Any]]:
     """(runnable config, identity). With folder=None the URIs are placeholders: where a step
-    writes and where its inputs live are not part of what it is."""
-    out = _outputs(folder) if folder else {k: f"<{k}>" for k in ("mixture", "export", "checkpoints", "eval")}
+    writes and where its inputs live are not part of what it is (an input's identity is its
+    step's key, which the caller adds)."""
+    out = _outputs(folder)
+
+    def ref(role: str, what: str) -> str:
+        return _provided(up[role], what) if folder else f"<step {up[role].name}>"
+
     if isinstance(step, DataStep):
-        recipe = load_recipe(step.recipe, step.overrides)
-        return recipe.model_copy(update={"output": out["mixture"]}), recipe.identity()
+        over = {"tokenizer": ref("tokenizer", "tokenizer")} if "tokenizer" in up else {}
+        recipe = load_recipe(step.recipe, merge(step.overrides, over))
+        identity = recipe.identity()
+        if "tokenizer" in up:
+            identity["tokenizer"] = f"<step {up['tokenizer'].name}>"
+        return recipe.model_copy(update={"output": out["mixture"]}), identity
     if isinstance(step, StageStep):
         over: dict[str, Any] = {"output": out["export"], "checkpoint": {"uri": out["checkpoints"]}}
         if "mixture" in up:
             over["mixture"] = _outputs(up["mixture"].folder)["mixture"] if folder else f"<step {up['mixture'].name}>"
         elif step.mixture:
             over["mixture"] = step.mixture
-        stage = load_stage(step.stage, _merge_over(step.overrides, over))
+        stage = load_stage(step.stage, merge(step.overrides, over))
+        init: dict[str, Any] | None = None
         if "init" in up:
-            export = _outputs(up["init"].folder)["export"] if folder else f"<step {up['init'].name}>"
-            stage = stage.model_copy(update={"init": stage.init.model_copy(update={
-                "export": export, "language_model": None, "vision_tower": None, "flavor": None})})
+            init = {"export": _outputs(up["init"].folder)["export"] if folder else f"<step {up['init'].name}>"}
+        elif "base" in up:
+            base = ref("base", "base")
+            init = {"language_model": storage.join(base, "llada") if folder else base,
+                    "vision_tower": storage.join(base, "siglip") if folder else base}
+        if init is not None:
+            cleared = {"export": None, "language_model": None, "vision_tower": None, "flavor": None}
+            stage = stage.model_copy(update={"init": stage.init.model_copy(update={**cleared, **init})})
         identity = stage.model_dump(mode="json", exclude={"output": True, "checkpoint": {"uri"}})
         return stage, identity
-    if isinstance(step, EvalStep):
-        return step, step.model_dump(mode="json", exclude={"name", "needs", "model", "heldout"}) | (
-            {"heldout": step.heldout} if "heldout" not in up else {})
-    if isinstance(step, SynthStep):
-        return step, step.model_dump(mode="json", exclude={"name", "needs"})
+    identity = step.model_dump(mode="json", exclude={"name", "needs", *step.refs()})
+    update = {}
+    if isinstance(step, BaseStep) and "tokenizer" in up:
+        update["tokenizer"] = ref("tokenizer", "tokenizer")
+    if isinstance(step, EvalStep) and "data" in up:
+        update["data"] = (storage.join(up["data"].step.output, "corpus", "heldout.json")
+                          if folder else f"<step {up['data'].name}>")
+    if isinstance(step, (TokenizerStep, BaseStep)) and step.recipe:
+        recipe = load_recipe(step.recipe)  # validated now; what it reads is part of the identity
+        identity["recipe"] = {"sources": [s.model_dump(mode="json") for s in recipe.sources]}
+    if isinstance(step, (SynthStep, TokenizerStep, BaseStep, EvalStep)):
+        return step.model_copy(update=update), identity
     raise TypeError(f"unknown step kind {step!r}")
-
-
-def _merge_over(overrides: dict[str, Any], pipeline_set: dict[str, Any]) -> dict[str, Any]:
-    from lladav.config import merge
-
-    return merge(overrides, pipeline_set)
 
 
 def _read_state(p: PlannedStep, root: str) -> None:
@@ -233,7 +319,8 @@ def _run_step(p: PlannedStep, ctx: RunContext) -> None:
 
 
 def _run_synth(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
-    from lladav.data.synthetic import synth_all
+    from lladav.data.sources import corpus_source
+    from lladav.demo.shapes import synth_all
 
     step: SynthStep = p.config
     ctx.lineage.log_config(run_id, "synth", step.model_dump(mode="json"))
@@ -241,24 +328,64 @@ def _run_synth(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     outputs = {"corpus": storage.join(step.output, "corpus"),
                "tokenizer": storage.join(step.output, "tokenizer")}
     if step.base_steps:
-        from lladav.model.base import write_base
+        from lladav.demo.base import write_base
 
-        out = Path(step.output)
-        outputs.update(write_base(out / "corpus", out / "tokenizer", out / "base",
+        captions = corpus_source(storage.join(step.output, "corpus", "captions.json"))
+        outputs.update(write_base([captions], outputs["tokenizer"], storage.join(step.output, "base"),
                                   steps=step.base_steps, seed=step.seed))
-        pretrain = json.loads((out / "base" / "pretrain.json").read_text())
-        ctx.lineage.log_metrics(run_id, {"tower_pretrain_loss": pretrain["final_loss"]}, step=step.base_steps)
+        _log_pretraining(ctx, run_id, storage.join(step.output, "base"), step.base_steps)
     return outputs
 
 
+def _corpus_sources(step: TokenizerStep | BaseStep) -> list[Any]:
+    from lladav.data.sources import corpus_source
+
+    if step.recipe:
+        return list(load_recipe(step.recipe).sources)
+    return [corpus_source(uri, name=f"corpus{i}", image_root=step.image_root)
+            for i, uri in enumerate(step.corpus)]
+
+
+def _run_tokenizer(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
+    from lladav.data.tokenizer import corpus_texts, train_to_uri
+
+    step: TokenizerStep = p.config
+    ctx.lineage.log_config(run_id, "tokenizer", step.model_dump(mode="json"))
+    uri = train_to_uri(corpus_texts(_corpus_sources(step), step.max_records),
+                       _outputs(p.folder)["tokenizer"], vocab_size=step.vocab_size)
+    return {"tokenizer": uri}
+
+
+def _run_base(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
+    from lladav.demo.base import write_base
+
+    step: BaseStep = p.config
+    ctx.lineage.log_config(run_id, "base", step.model_dump(mode="json"))
+    out = _outputs(p.folder)["base"]
+    outputs = write_base(_corpus_sources(step), step.tokenizer, out, flavor=step.flavor,
+                         steps=step.steps, seed=step.seed, caption_turn=step.caption_turn,
+                         max_images=step.max_images)
+    _log_pretraining(ctx, run_id, out, step.steps)
+    return {"base": out, **outputs}
+
+
+def _log_pretraining(ctx: RunContext, run_id: str, base: str, steps: int) -> None:
+    pretrain = json.loads(storage.read_bytes(storage.join(base, "pretrain.json")))
+    ctx.lineage.log_metrics(run_id, {"tower_pretrain_loss": pretrain["final_loss"],
+                                     "tower_pretrain_images": pretrain["images"]}, step=steps)
+    ctx.lineage.log_text(run_id, "base/pretrain.json", json.dumps(pretrain, indent=1))
+
+
 def _run_data(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
-    from lladav.data.build import build
+    from lladav.data.build import build, vision_note
 
     recipe = p.config
     lin = ctx.lineage
     lin.log_config(run_id, "recipe", recipe.model_dump(mode="json"))
     for s in recipe.sources:
         lin.log_dataset(run_id, s.name, s.location, None, context="source", tags={"lladav.kind": s.kind})
+    if note := vision_note(recipe):
+        ctx.say(f"      {p.name}: {note}")
     # overwrite: the folder is this key's own; a different mixture there is an older attempt
     mixture = build(recipe, recipe.output, overwrite=True, progress=ctx.progress(p.name))
     lin.set_tags(run_id, {"lladav.mixture": mixture.uri, "lladav.mixture_digest": mixture.digest})
@@ -330,31 +457,50 @@ def _log_graph(lin: Any, run_id: str, export: str) -> None:
         lin.log_file(run_id, path, "lineage")
 
 
+def _metric_name(text: str) -> str:
+    """A value as part of an MLflow metric key (letters, digits, _ - . / and spaces only)."""
+    return re.sub(r"[^\w\-. /]", "_", text)[:200] or "_"
+
+
 def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
-    from lladav.evaluate import evaluate_heldout
+    from lladav.evaluate import confusion_csv, evaluate
     from lladav.inference import SamplerSettings
 
     step: EvalStep = p.config
     lin = ctx.lineage
     model = ctx.done[step.model]
     export = model["outputs"]["export"]
-    heldout = ctx.done[step.heldout]["outputs"]["corpus"] if step.heldout in ctx.done else step.heldout
-    lin.set_tags(run_id, {"lladav.parent_run": model["run_id"], "lladav.evaluated_export": export})
+    lin.set_tags(run_id, {"lladav.parent_run": model["run_id"], "lladav.evaluated_export": export,
+                          "lladav.test_set": step.data})
     lin.log_config(run_id, "eval", step.model_dump(mode="json"))
-    settings = SamplerSettings(gen_length=step.gen_length, block_length=step.gen_length,
-                               steps=step.steps or step.gen_length, threshold=step.threshold)
-    result = evaluate_heldout(export, heldout, settings, limit=step.limit, progress=ctx.progress(p.name))
-    lin.log_metrics(run_id, {"heldout_accuracy": result.accuracy, "heldout_n": result.n,
-                             "chance": result.chance,
-                             **{f"heldout_accuracy_{k}": v for k, v in result.by_factor.items()}}, step=0)
+    settings = SamplerSettings(gen_length=step.gen_length,
+                               block_length=step.block_length or step.gen_length,
+                               steps=step.steps or step.gen_length, remasking=step.remasking,
+                               threshold=step.threshold)
+    result = evaluate(export, step.data, settings, image_root=step.image_root,
+                      scoring=step.scoring, tag=step.tag, limit=step.limit,
+                      group_by=step.group_by, progress=ctx.progress(p.name))
+    metrics = {"accuracy": result.accuracy, "n": result.n, "chance": result.chance,
+               **{f"accuracy_{_metric_name(k)}": v for k, v in result.by_group.items()},
+               **{f"class_accuracy/{_metric_name(k)}": v
+                  for k, v in list(result.by_class.items())[:MAX_CLASS_METRICS]}}
+    lin.log_metrics(run_id, metrics, step=0)
     lin.log_text(run_id, "eval/samples.json", json.dumps(result.samples, indent=2))
+    lin.log_text(run_id, "eval/confusion.csv", confusion_csv(result))
+    lin.log_text(run_id, "eval/by_class.json", json.dumps(result.by_class, indent=1))
     for s in result.samples[:12]:  # a few images beside their answers, for a human look
-        if s["image"]:
+        if s["image"] and not storage.is_s3(s["image"]) and os.path.isfile(s["image"]):
             lin.log_file(run_id, s["image"], "eval/images")
     if step.min_accuracy is not None and result.accuracy < step.min_accuracy:
-        raise RuntimeError(f"eval {p.name}: held-out accuracy {result.accuracy:.1%} is below "
-                           f"min_accuracy {step.min_accuracy:.0%}")
-    return {"accuracy": result.accuracy, "n": result.n, "chance": result.chance, "export": export}
+        raise RuntimeError(f"eval {p.name}: accuracy {result.accuracy:.1%} on {step.data} is "
+                           f"below min_accuracy {step.min_accuracy:.0%}")
+    return {"accuracy": result.accuracy, "n": result.n, "chance": result.chance, "export": export,
+            "data": step.data}
 
 
-RUNNERS = {"synth": _run_synth, "data": _run_data, "stage": _run_stage, "eval": _run_eval}
+MAX_CLASS_METRICS = 50
+"""Per-class accuracies logged as metrics (all of them go to eval/by_class.json)."""
+
+
+RUNNERS = {"synth": _run_synth, "tokenizer": _run_tokenizer, "base": _run_base,
+           "data": _run_data, "stage": _run_stage, "eval": _run_eval}

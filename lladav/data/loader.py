@@ -11,7 +11,8 @@ Stages, each a function below:
     read    before an epoch's first batch, every shard it touches is verified once per loader
             against its mixture.json sha256 (S3 shards are downloaded into the cache folder as
             <sha256>.tar), and its tar members indexed once; samples are read by offset
-    decode  ids/targets .npy and images -> tiles (data/images.image_tiles) -> collate
+    decode  ids/targets .npy and images -> tiles (data/images.image_tiles) -> collate: each
+            sample's EOS tail (config.EndOfAnswer, eos_tail_length), then batch padding
 
 Why a global sample order read by random access: every world size and worker count sees the same
 micro-batch sequence, and resume is (epoch, position) rather than offsets into shard streams.
@@ -58,11 +59,11 @@ import torch
 from PIL import Image
 
 from lladav import storage
-from lladav.config import VisionGeometry
+from lladav.config import EndOfAnswer, VisionGeometry
 from lladav.data import manifest as mf
-from lladav.data.conversation import IMAGE_PLACEHOLDER_ID
+from lladav.data.conversation import ANSWER_TARGET, IMAGE_PLACEHOLDER_ID, NOT_TARGET
 from lladav.data.images import image_tiles
-from lladav.digest import hash_key, sha256_bytes, sha256_file
+from lladav.digest import hash_key, hash_unit, sha256_bytes, sha256_file
 
 STATE_FORMAT = "lladav.loader/1"
 DOWNLOAD_THREADS = 8  # concurrent shard downloads/hashes; I/O bound, hashlib releases the GIL
@@ -115,6 +116,17 @@ def worker_positions(n_rank_batches: int, start: int, worker: int, num_workers: 
     over in position order after a resume too; which worker decodes a batch never changes it.
     """
     return list(range(start + worker, n_rank_batches, max(num_workers, 1)))
+
+
+def eos_tail_length(policy: EndOfAnswer, seed: int, epoch: int, key: str) -> int:
+    """EOS targets after sample `key` in `epoch` under `policy`: 0 for pad_to_longest, else
+    eos_tokens, or a draw uniform in [min_eos_tokens, eos_tokens] from sha256(seed, "eos", epoch,
+    key) alone: a sample's tail never depends on its batch, its rank or its loader worker."""
+    if policy.policy != "eos_tail":
+        return 0
+    low = policy.eos_tokens if policy.min_eos_tokens is None else policy.min_eos_tokens
+    span = policy.eos_tokens - low + 1
+    return low + min(int(hash_unit(seed, "eos", epoch, key) * span), span - 1)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], n_tokens: Sequence[int]) -> float:
@@ -186,10 +198,17 @@ def _open_shard(uri: str, sha256: str, cache_dir: str) -> _Shard:
 
 @dataclass
 class Batch:
-    """One rank's micro-batch. ids/targets are text-level (images are spliced by the model)."""
+    """One rank's micro-batch. ids/targets are text-level (images are spliced by the model).
+
+    Row b holds sample b's ids, then its EOS tail (EndOfAnswer, targets), then batch padding up
+    to the longest row: `lengths[b]` counts the first two. With `pads_are_targets` (the
+    reference's pad_to_longest) the padding is EOS targets that everything attends to;
+    otherwise it is inert: no target, and the model is given an attention mask hiding it.
+    """
 
     ids: torch.Tensor                          # (B, L) long, right-padded with EOS
-    targets: torch.Tensor                      # (B, L) bool, True at pads (pads are targets)
+    targets: torch.Tensor                      # (B, L) bool
+    answer: torch.Tensor                       # (B, L) bool: targets in the assistant's words
     images: list[list[torch.Tensor]]           # per sample, per image: (n_tiles, 3, T, T) float32
     image_sizes: list[list[tuple[int, int]]]   # per sample, per image: (W, H)
     keys: list[str]
@@ -197,11 +216,12 @@ class Batch:
     epoch: int
     index: int                                 # global batch index in the epoch
     position: int                              # this rank's batch position in the epoch
+    lengths: list[int] | None = None           # text positions of each sample incl. its EOS tail
+    pads_are_targets: bool = True
 
     @property
     def padding_fraction(self) -> float:
-        longest = max(self.n_tokens)
-        return sum(longest - n for n in self.n_tokens) / (longest * len(self.n_tokens))
+        return padding_fraction([range(len(self.n_tokens))], self.n_tokens)
 
 
 @dataclass(frozen=True)
@@ -248,26 +268,38 @@ def _decode(shard: _Shard, key: str, n_images: int, geometry: VisionGeometry,
     return ids, targets, tiles, [p.size for p in pictures]
 
 
-def _collate(samples: list[_Decoded], eos_id: int, planned: _Planned) -> Batch:
-    """Right-pad ids with EOS and targets with True to the batch's longest text length."""
-    length = max(len(s[0]) for s in samples)
+def _collate(samples: list[_Decoded], eos_id: int, planned: _Planned, policy: EndOfAnswer,
+             seed: int) -> Batch:
+    """Each sample's ids + its EOS tail (targets), then EOS padding to the longest row: targets
+    and attended under pad_to_longest, inert under eos_tail (see Batch)."""
+    keys = [k for k, _, _, _ in planned.samples]
+    lengths = [len(s[0]) + eos_tail_length(policy, seed, planned.epoch, key)
+               for s, key in zip(samples, keys)]
+    pads_are_targets = policy.policy == "pad_to_longest"
+    length = max(lengths)
     ids = torch.full((len(samples), length), eos_id, dtype=torch.long)
-    targets = torch.ones((len(samples), length), dtype=torch.bool)
-    for row, (sample_ids, sample_targets, _, _) in enumerate(samples):
-        ids[row, :len(sample_ids)] = torch.from_numpy(sample_ids.astype(np.int64))
-        targets[row, :len(sample_targets)] = torch.from_numpy(sample_targets.astype(bool))
-    return Batch(ids, targets, [s[2] for s in samples], [s[3] for s in samples],
-                 [k for k, _, _, _ in planned.samples], [n for _, _, n, _ in planned.samples],
-                 planned.epoch, planned.index, planned.position)
+    targets = torch.full((len(samples), length), pads_are_targets, dtype=torch.bool)
+    answer = torch.zeros((len(samples), length), dtype=torch.bool)
+    for row, ((sample_ids, codes, _, _), own) in enumerate(zip(samples, lengths)):
+        n = len(sample_ids)
+        ids[row, :n] = torch.from_numpy(sample_ids.astype(np.int64))
+        targets[row, :n] = torch.from_numpy(codes != NOT_TARGET)
+        targets[row, n:own] = True                         # the sample's own EOS tail
+        answer[row, :n] = torch.from_numpy(codes == ANSWER_TARGET)
+    return Batch(ids, targets, answer, [s[2] for s in samples], [s[3] for s in samples], keys,
+                 [n for _, _, n, _ in planned.samples], planned.epoch, planned.index,
+                 planned.position, lengths, pads_are_targets)
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
     """A rank's remaining batches of one epoch; in a DataLoader each worker takes its share."""
 
     def __init__(self, plan: list[_Planned], start: int, shards: dict[str, _Shard], eos_id: int,
-                 geometry: VisionGeometry, aspect: str, num_workers: int):
+                 geometry: VisionGeometry, aspect: str, num_workers: int, policy: EndOfAnswer,
+                 seed: int):
         self.plan, self.start, self.shards, self.eos_id = plan, start, shards, eos_id
         self.geometry, self.aspect, self.num_workers = geometry, aspect, num_workers
+        self.policy, self.seed = policy, seed
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -276,7 +308,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
             planned = self.plan[pos]
             samples = [_decode(self.shards[shard], key, n_images, self.geometry, self.aspect)
                        for key, shard, _, n_images in planned.samples]
-            yield _collate(samples, self.eos_id, planned)
+            yield _collate(samples, self.eos_id, planned, self.policy, self.seed)
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -284,13 +316,6 @@ def _as_is(batch: Batch) -> Batch:
 
 
 # ---- the loader -------------------------------------------------------------------------------
-
-def _mixture_geometry(info: dict) -> tuple[VisionGeometry, str]:
-    recipe = info["recipe"]
-    geometry = VisionGeometry(**recipe["vision"])
-    default = "square" if recipe.get("template") == "llada_plain" else "anyres_max_4"
-    return geometry, geometry.image_aspect or default
-
 
 class MixtureLoader:
     """Batches of one rank over a committed mixture; iterate once per epoch, resume by state.
@@ -304,14 +329,16 @@ class MixtureLoader:
     def __init__(self, mixture_uri: str, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int = 0, geometry: VisionGeometry | None = None,
                  aspect: str | None = None, group_by_length: bool = False, group_window: int = 32,
-                 drop_last: bool = True, cache_dir: str | None = None, prefetch_factor: int = 2):
+                 drop_last: bool = True, cache_dir: str | None = None, prefetch_factor: int = 2,
+                 end_of_answer: EndOfAnswer | None = None):
         if not (0 <= rank < world_size) or min(batch_size, group_window) < 1 or num_workers < 0:
             raise ValueError(f"need 0 <= rank={rank} < world_size={world_size}, batch_size="
                              f"{batch_size} >= 1, group_window={group_window} >= 1, num_workers="
                              f"{num_workers} >= 0")
         self.mixture = mf.open_mixture(mixture_uri)
         info = self.mixture.info
-        built_geometry, built_aspect = _mixture_geometry(info)
+        built_geometry = self.mixture.geometry
+        built_aspect = built_geometry.image_aspect
         self.geometry = geometry or built_geometry
         self.aspect = aspect or (geometry.image_aspect if geometry else None) or built_aspect
         if (self.geometry.model_dump(exclude={"image_aspect"}) !=
@@ -334,6 +361,7 @@ class MixtureLoader:
         self.num_workers, self.seed, self.prefetch_factor = num_workers, seed, prefetch_factor
         self.group_window = group_window if group_by_length else 0
         self.drop_last = drop_last
+        self.end_of_answer = end_of_answer or EndOfAnswer()
         self._shard_info = {s["name"]: s["sha256"] for s in info["shards"]}
         self._shards: dict[str, _Shard] = {}
         self._cache_dir = cache_dir
@@ -396,7 +424,7 @@ class MixtureLoader:
         plan = self._plan(epoch)[1]
         self._prepare({shard for p in plan[start:] for _, shard, _, _ in p.samples})
         stream = _EpochStream(plan, start, self._shards, self.eos_id, self.geometry, self.aspect,
-                              self.num_workers)
+                              self.num_workers, self.end_of_answer, self.seed)
         source: Iterator[Batch] = iter(stream)
         if self.num_workers > 0:
             source = iter(torch.utils.data.DataLoader(

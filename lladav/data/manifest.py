@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lladav import storage
+from lladav.config import VisionGeometry
 from lladav.digest import sha256_bytes
 
 MIXTURE_FORMAT = "lladav.mixture/1"
@@ -83,6 +84,15 @@ class Mixture:
     uri: str
     info: dict[str, Any]
     digest: str
+
+    @property
+    def geometry(self) -> VisionGeometry:
+        """The image geometry the mixture was built for, aspect resolved: the one owner of it.
+        Stages and their models take it from here (train/stage.py), the loader tiles by it."""
+        from lladav.config import Recipe
+
+        recipe = Recipe.model_validate(self.info["recipe"])
+        return recipe.vision.model_copy(update={"image_aspect": recipe.image_aspect})
 
     def shard_uris(self) -> list[str]:
         return [storage.join(self.uri, s["name"]) for s in self.info["shards"]]

@@ -145,7 +145,8 @@ class LLaDAAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, width, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                prefix: KV | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                prefix: KV | None, key_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,L,D)
@@ -156,8 +157,9 @@ class LLaDAAttention(nn.Module):
             k_all, v_all = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         groups = self.n_heads // self.n_kv_heads  # query head h reads KV head h // groups
         k_all, v_all = k_all.repeat_interleave(groups, 1), v_all.repeat_interleave(groups, 1)
-        # Bidirectional, no mask at all (a materialised zero mask costs L^2 memory, digest §1.1).
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=None, is_causal=False)
+        # Bidirectional. No mask unless some keys must be hidden (batch padding): a (B, 1, 1, K)
+        # boolean key mask then, never a materialised L^2 one (digest §1.1).
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=key_mask, is_causal=False)
         out = out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*D)
         return self.o_proj(out), k, v
 
@@ -184,8 +186,9 @@ class LLaDADecoderLayer(nn.Module):
         self.post_attention_layernorm = LLaDARMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                prefix: KV | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, prefix)
+                prefix: KV | None = None, key_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, prefix, key_mask)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -202,18 +205,25 @@ class LLaDABackbone(nn.Module):
         self.norm = LLaDARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False  # set by activation_checkpointing_enable()
 
-    def forward(self, x: torch.Tensor, prefix_kv: list[KV] | None,
-                return_kv: bool) -> tuple[torch.Tensor, list[KV] | None]:
+    def forward(self, x: torch.Tensor, prefix_kv: list[KV] | None, return_kv: bool,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV] | None]:
         prefix_len = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
         positions = torch.arange(prefix_len, prefix_len + x.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        key_mask = None
+        if attention_mask is not None:  # (B, L) True = visible -> (B, 1, 1, P + L)
+            visible = attention_mask.to(device=x.device, dtype=torch.bool)
+            if prefix_len:
+                visible = torch.cat([visible.new_ones(visible.shape[0], prefix_len), visible], 1)
+            key_mask = visible[:, None, None, :]
         kv: list[KV] = []
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
             if self.gradient_checkpointing and self.training:
-                x, k, v = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, prefix)
+                x, k, v = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, prefix,
+                                                            key_mask)
             else:
-                x, k, v = layer(x, cos, sin, prefix)
+                x, k, v = layer(x, cos, sin, prefix, key_mask)
             if return_kv:
                 kv.append((k, v))
         return self.norm(x), (kv if return_kv else None)
@@ -247,10 +257,13 @@ class LLaDAModelLM(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, *,
-                prefix_kv: list[KV] | None = None, return_kv: bool = False) -> LLaDAOutput:
+                prefix_kv: list[KV] | None = None, return_kv: bool = False,
+                attention_mask: torch.Tensor | None = None) -> LLaDAOutput:
         """Logits for every input position, all positions attending to all (and to `prefix_kv`).
 
-        input_ids (B, L) or inputs_embeds (B, L, D), exactly one. prefix_kv: per layer (k, v) of
+        input_ids (B, L) or inputs_embeds (B, L, D), exactly one. attention_mask: optional (B, L)
+        bool, False at positions no other position may attend to (a sample's batch padding; the
+        reference passes none: bidirectional over everything). prefix_kv: per layer (k, v) of
         shape (B, n_kv_heads, P, head_dim), already rotated (slices of an earlier `return_kv`);
         the inputs then sit at positions P..P+L-1. return_kv: also return the inputs' per-layer
         (k, v), rotated and before KV-head repetition, for the caller to slice into a prefix cache.
@@ -261,7 +274,7 @@ class LLaDAModelLM(PreTrainedModel):
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model "
                              f"{len(self.model.layers)}")
         x = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)  # (B,L,D)
-        hidden, kv = self.model(x, prefix_kv, return_kv)
+        hidden, kv = self.model(x, prefix_kv, return_kv, attention_mask)
         return LLaDAOutput(logits=self.lm_head(hidden), kv=kv)  # logits (B, L, V)
 
     @classmethod

@@ -84,10 +84,15 @@ def run_stage(stage: StageConfig, *, run_name: str | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lladav.data.manifest import open_mixture
     from lladav.model.lladav import LLaDAVConfig
     from lladav.train.export import export_consolidated
     from lladav.train.loop import mixture_tokenizer
+    from lladav.train.stage import check_geometry, tower_geometry
 
+    # Before any worker starts: a mixture counted for another tower fails here, not 90 s in.
+    check_geometry(stage.name, tower_geometry(stage.init), open_mixture(stage.mixture).geometry,
+                   stage.mixture)
     ensure_ray()
     scaling = stage.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources}

@@ -49,8 +49,8 @@ class WorkerContext:
 
 def mixture_tokenizer(mixture_uri: str) -> Any:
     """The ChatTokenizer a mixture was tokenized with (its URI is in mixture.json)."""
-    from lladav.data.build import load_tokenizer
     from lladav.data.manifest import open_mixture
+    from lladav.data.tokenizer import load_tokenizer
 
     return load_tokenizer(open_mixture(mixture_uri).info["tokenizer"]["uri"])
 
@@ -59,6 +59,7 @@ def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict],
     """Everything before the first step, on every rank: the process group, the model built under
     ZeRO-3 with its init weights, frozen per stage. Returns (model, param_groups, table rows,
     rendered DeepSpeed config). bench/train_step.py's bare-DeepSpeed baseline starts here too."""
+    from lladav.data.manifest import open_mixture
     from lladav.model.lladav import LLaDAVModel
     from lladav.train import engine as eng
     from lladav.train.stage import apply_stage, initial_weights
@@ -66,7 +67,7 @@ def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict],
     eng.init_distributed()
     tok = mixture_tokenizer(stage.mixture)
     torch.manual_seed(stage.seed)
-    config, weights = initial_weights(stage, tok)
+    config, weights = initial_weights(stage, tok, open_mixture(stage.mixture).geometry)
     ds_config = eng.render_ds_config(
         eng.resolve_template(stage.deepspeed), micro_batch=stage.micro_batch,
         grad_accum=stage.grad_accum, world_size=world_size,
@@ -93,8 +94,8 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=ctx.rank,
                            world_size=ctx.world_size, num_workers=stage.loader_workers,
-                           seed=stage.seed, aspect=stage.image_aspect,
-                           group_by_length=stage.group_by_length)
+                           seed=stage.seed, group_by_length=stage.group_by_length,
+                           end_of_answer=stage.end_of_answer)
     steps_per_epoch = max(1, len(loader) // stage.grad_accum)
     total = stage.max_steps or stage.epochs * steps_per_epoch
     engine = eng.initialize(model, groups, ds_config, total_steps=total,
@@ -114,7 +115,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     micro, window = 0, _Window()
     while step < total:
         for batch in loader:
-            loss, metrics = diffusion_step(engine.module, batch, masking, stage.image_aspect)
+            loss, metrics = diffusion_step(engine.module, batch, masking, loader.aspect)
             engine.backward(loss)
             engine.step()
             ledger.extend(batch.keys)
@@ -156,16 +157,24 @@ def _local_fraction(model: Any) -> float:
 
 
 class _Window:
-    """Throughput and padding over the micro-batches of one optimizer step."""
+    """Throughput, padding and the answer-only metrics over the micro-batches of one optimizer
+    step. answer_loss / answer_accuracy: mean cross-entropy and argmax accuracy at the masked
+    positions inside the assistant's words (NaN-free: absent when no such position was masked);
+    a model that learnt the template but not the answers shows a low total loss beside a high
+    answer_loss."""
 
     def __init__(self) -> None:
         self.t0, self.samples, self.tokens, self.pad, self.losses = time.perf_counter(), 0, 0, 0.0, []
+        self.answer_masked, self.answer_ce, self.answer_correct = 0, 0.0, 0
 
     def add(self, metrics: dict[str, Any], batch: Any) -> None:
         self.samples += len(batch.keys)
         self.tokens += metrics["tokens"]
         self.pad += batch.padding_fraction * len(batch.keys)
         self.losses.append(metrics["loss"])
+        self.answer_masked += metrics["answer_masked"]
+        self.answer_ce += metrics["answer_ce"]
+        self.answer_correct += metrics["answer_correct"]
 
     def flush(self, world_size: int) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
@@ -173,5 +182,8 @@ class _Window:
                "samples_per_s": self.samples * world_size / dt,
                "tokens_per_s": self.tokens * world_size / dt,
                "padding_fraction": self.pad / max(self.samples, 1)}
+        if self.answer_masked:
+            out["answer_loss"] = self.answer_ce / self.answer_masked
+            out["answer_accuracy"] = self.answer_correct / self.answer_masked
         self.__init__()
         return out

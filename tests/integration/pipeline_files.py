@@ -44,7 +44,8 @@ def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str 
              "init": "stage1", "overrides": stage2 or {}},
             {"name": "stage3", "kind": "stage", "stage": "stage3.yaml", "mixture": "mix-stage3",
              "init": "stage2"},
-            {"name": "eval", "kind": "eval", "model": "stage3", "heldout": str(corpus / "corpus"),
+            {"name": "eval", "kind": "eval", "model": "stage3",
+             "data": str(corpus / "corpus" / "heldout.json"), "tag": "/no_think",
              "limit": eval_limit, "gen_length": 4},
         ]}
     path = root / "pipeline.yaml"

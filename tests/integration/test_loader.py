@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from lladav.config import VisionGeometry, load_recipe
+from lladav.config import EndOfAnswer, VisionGeometry, load_recipe
 from lladav.data.build import build
 from lladav.data.images import grid_pinpoints, image_tiles, select_best_resolution
 from lladav.data.loader import MixtureLoader, ShardError
@@ -78,8 +78,11 @@ def _raw_samples(uri: str) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def test_batches_decode_pad_with_eos_and_tile_every_image(mixture_uri):
-    loader = _loader(mixture_uri)
+@pytest.mark.parametrize("policy", [EndOfAnswer(), EndOfAnswer(policy="pad_to_longest")],
+                         ids=["eos_tail", "pad_to_longest"])
+def test_batches_decode_pad_with_eos_and_tile_every_image(mixture_uri, policy):
+    loader = _loader(mixture_uri, end_of_answer=policy)
+    tail = policy.eos_tokens if policy.policy == "eos_tail" else 0
     raw = _raw_samples(mixture_uri)
     eos = loader.mixture.info["tokenizer"]["special_ids"]["eos"]
     manifest = {r["key"]: r for r in loader.mixture.manifest().to_pylist()}
@@ -96,8 +99,15 @@ def test_batches_decode_pad_with_eos_and_tile_every_image(mixture_uri):
             own = len(ids)
             assert batch.ids[row, :own].tolist() == ids.tolist()
             assert batch.targets[row, :own].tolist() == targets.astype(bool).tolist()
-            assert (batch.ids[row, own:] == eos).all() and batch.targets[row, own:].all()
-            padded_rows += own < length
+            assert batch.answer[row, :own].tolist() == (targets == 2).tolist()
+            assert batch.lengths[row] == own + tail
+            assert (batch.ids[row, own:] == eos).all()
+            assert batch.targets[row, own:own + tail].all()          # the sample's own EOS tail
+            # batch padding: EOS targets for the reference, inert under eos_tail
+            assert bool(batch.targets[row, own + tail:].all()) == batch.pads_are_targets or (
+                own + tail == length)
+            assert not batch.targets[row, own + tail:].any() or batch.pads_are_targets
+            padded_rows += own + tail < length
             names = sorted(s for s in raw[key] if s.startswith("img"))
             assert len(batch.images[row]) == len(names) == len(manifest[key]["image_widths"])
             for tiles, size, name in zip(batch.images[row], batch.image_sizes[row], names):

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 import lladav
-from lladav.config import load_recipe, load_stage
+from lladav.config import GEOMETRY_KEYS, load_recipe, load_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -337,7 +337,10 @@ def test_stage_has_the_papers_hyperparameters(stem):
         assert stage.init.export and stage.init.export.startswith(PLACEHOLDER)
     recipe = load_recipe(recipe_for(stem))
     assert recipe.max_length == stage.max_length
-    assert stage.image_aspect == recipe.image_aspect
+    # Image geometry has one owner, the recipe (checked against the paper above).
+    stage_yaml = yaml.safe_load(next(p for p in STAGES if p.stem == stem).read_text())
+    assert not set(GEOMETRY_KEYS) & set(stage_yaml)
+    assert stage.end_of_answer.policy == "pad_to_longest"  # the reference's EOS padding
 
 
 def test_pipeline_references_every_paper_recipe_and_stage():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -87,7 +88,14 @@ def base(**step) -> dict:
     ({"name": "s", "kind": "stage", "stage": "s.yaml", "mixture": "nope"}, "mixture 'nope' must name an earlier step"),
     ({"name": "s", "kind": "stage", "stage": "s.yaml", "mixture": "mix", "init": "mix"}, "init 'mix' is a data step, expected a stage step"),
     ({"name": "mix", "kind": "data", "recipe": "r.yaml"}, "step name 'mix' is used twice"),
-    ({"name": "e", "kind": "eval", "model": "mix", "heldout": "/x"}, "model 'mix' is a data step"),
+    ({"name": "e", "kind": "eval", "model": "mix", "data": "/x.json"}, "model 'mix' is a data step"),
+    ({"name": "d", "kind": "data", "recipe": "r.yaml", "tokenizer": "mix"},
+     "tokenizer 'mix' is a data step, expected a tokenizer or synth step"),
+    ({"name": "s", "kind": "stage", "stage": "s.yaml", "base": "mix"}, "base 'mix' is a data step"),
+    ({"name": "s", "kind": "stage", "stage": "s.yaml", "base": "b", "init": "s0"},
+     "set at most one of `init` (a stage step) and `base`"),
+    ({"name": "t", "kind": "tokenizer", "recipe": "r.yaml", "corpus": ["a.json"]},
+     "set exactly one of `recipe` and `corpus`"),
     ({"name": "s", "kind": "stage", "stage": "s.yaml", "lr": 1}, "steps.1.stage.lr: unknown key"),
     ({"name": "s", "kind": "train", "stage": "s.yaml"}, "steps.1"),
 ])
@@ -160,3 +168,71 @@ def test_step_keys_name_the_package_tree_not_the_commit():
     identity = _code_identity()
     assert identity["git_tree"] == tree
     assert "git_commit" not in identity
+
+
+# ---- the own-corpus template: what `pipeline plan` refuses before any step runs --------------
+
+def own_corpus(tmp_path: Path) -> Path:
+    """pipelines/own_corpus.yaml with its recipe and stage, laid out as in the repository, beside
+    a two-record LLaVA JSON corpus in my_corpus/; returns the pipeline's path."""
+    for rel in ("pipelines/own_corpus.yaml", "data_recipes/own_corpus.yaml", "stages/own_corpus.yaml"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text((REPO / rel).read_text())
+    corpus = tmp_path / "my_corpus"
+    corpus.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(corpus / "a.png")
+    record = {"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+    for name in ("train.json", "test.json"):
+        (corpus / name).write_text(json.dumps([record, dict(record, id="b")]))
+    return tmp_path / "pipelines" / "own_corpus.yaml"
+
+
+def plan_cli(path: Path):
+    from typer.testing import CliRunner
+
+    from lladav.cli import app
+
+    return CliRunner().invoke(app, ["pipeline", "plan", str(path)])
+
+
+def test_the_own_corpus_template_plans(tmp_path):
+    result = plan_cli(own_corpus(tmp_path))
+    assert result.exit_code == 0, result.output
+    steps = {p.name: p for p in plan(load_pipeline(own_corpus(tmp_path / "again")))}
+    assert [p.kind for p in steps.values()] == ["tokenizer", "base", "data", "stage", "eval"]
+    mix, train = steps["mix"].config, steps["train"].config
+    assert mix.tokenizer == storage.join(steps["tokenizer"].folder, "tokenizer")
+    assert steps["base"].config.tokenizer == mix.tokenizer
+    base = storage.join(steps["base"].folder, "base")
+    assert (train.init.language_model, train.init.vision_tower, train.init.flavor) == (
+        storage.join(base, "llada"), storage.join(base, "siglip"), None)
+    assert steps["eval"].config.data == str(tmp_path / "again" / "my_corpus" / "test.json")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "test.json").unlink(), r"test\.json"),
+    (lambda c: (c / "test.json").write_text('[{"id": "a", "conversations": [}]'),
+     r"test\.json#byte=1: record 1 cannot be parsed"),
+    (lambda c: (c / "test.json").write_text(json.dumps([{"id": "q1", "conversations": [
+        {"from": "human", "value": "What?"}]}])), r"test\.json#byte=1 \(record 'q1'\): no assistant turn"),
+])
+def test_a_bad_eval_file_fails_the_plan_naming_file_and_record(tmp_path, damage, message):
+    path = own_corpus(tmp_path)
+    damage(tmp_path / "my_corpus")
+    result = plan_cli(path)
+    assert result.exit_code == 2, result.output
+    assert re.search(message, " ".join(result.output.split())), result.output
+
+
+def test_a_recipe_built_for_another_tower_fails_the_plan_naming_both(tmp_path):
+    path = own_corpus(tmp_path)
+    edit(tmp_path / "data_recipes" / "own_corpus.yaml", lambda d: d.pop("vision"))
+    result = plan_cli(path)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "stage train" in text and "own_corpus.yaml" in text
+    assert "384 px tiles of 14 px patches" in text and "32 px tiles of 8 px patches" in text
+    assert "flavor tiny" in text and "tile_size: 32, patch_size: 8" in text
