@@ -24,11 +24,13 @@ every epoch. drop_last=False keeps every batch, the tail too; rank counts may th
 
 Length grouping: the full batches' part of the order is cut into windows of batch_size *
 group_window samples (not scaled by world size, so the batch sequence stays independent of it);
-each window is sorted by manifest n_tokens (ties by key) and cut into batches, which are then
-put in seeded-hash order within the window so the long ones are not all last. No sample moves
-out of its window. Padding fraction over spliced lengths (text + image tokens): 4096 log-normal
-stage-2-like lengths, batch 8, window 32: 0.51 -> 0.04 (tests/unit/test_loader_order.py); the
-synthetic mixture of tests/integration/test_loader.py (99 samples), batch 4, window 4: 0.13 -> 0.07.
+each window is sorted by length bucket (manifest n_tokens within 5%, `length_bucket`; the
+epoch's random order within a bucket, so equal lengths do not make one-answer batches) and cut
+into batches, which are then put in seeded-hash order within the window so the long ones are
+not all last. No sample moves out of its window. Padding fraction over spliced lengths (text +
+image tokens): 4096 log-normal stage-2-like lengths, batch 8, window 32: 0.51 -> 0.05
+(tests/unit/test_loader_order.py); the synthetic mixture of tests/integration/test_loader.py
+(99 samples), batch 4, window 4: 0.13 -> 0.07.
 
 Resume: state_dict() = identity + {epoch, position}; position is this rank's next batch in the
 epoch (global index position * world_size + rank). It advances when a batch is handed to the
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import tarfile
@@ -80,6 +83,22 @@ def epoch_order(keys: Sequence[str], seed: int, epoch: int) -> list[int]:
     return sorted(range(len(keys)), key=lambda i: hash_key(seed, "epoch", epoch, keys[i]))
 
 
+LENGTH_TOLERANCE = 0.05
+"""Length grouping sorts by length buckets 5% wide, not by exact length (see length_bucket)."""
+
+
+def length_bucket(n_tokens: int, tolerance: float = LENGTH_TOLERANCE) -> int:
+    """The length bucket grouping sorts by: lengths within a factor (1 + tolerance) share one.
+
+    Not the exact length: in a corpus of short answers, equal lengths come from the same
+    question wording (and often the same answer), and batches cut from a run of equal lengths
+    are all alike. Measured on a 10-colour corpus of 2,000 images (tiny flavour, micro-batch 32,
+    400 steps, in-process): exact-length grouping left the model at chance (10%), 5% buckets
+    reached 48/59/71% (seeds 0/1/2), ungrouped batches 93/93/85%. Within a bucket the epoch's
+    random order stays; 4096 log-normal lengths pad 4.9% (exact: 4.0%, 10% buckets: 6.2%)."""
+    return int(math.log(max(n_tokens, 1)) / math.log1p(tolerance))
+
+
 def epoch_batches(keys: Sequence[str], n_tokens: Sequence[int], seed: int, epoch: int,
                   batch_size: int, group_window: int = 0) -> list[list[int]]:
     """The epoch's micro-batches (indices into `keys`); group_window > 0 groups by length."""
@@ -90,8 +109,8 @@ def epoch_batches(keys: Sequence[str], n_tokens: Sequence[int], seed: int, epoch
     batches: list[list[int]] = []
     for w, start in enumerate(range(0, n_full, max(window, 1))):
         part = body[start:start + window]
-        if group_window > 0:
-            part = sorted(part, key=lambda i: (n_tokens[i], keys[i]))
+        if group_window > 0:  # stable: the epoch's random order within a bucket
+            part = sorted(part, key=lambda i: length_bucket(n_tokens[i]))
         cut = [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
         if group_window > 0:
             cut.sort(key=lambda b: hash_key(seed, "window", epoch, w, keys[b[0]]))

@@ -7,8 +7,8 @@ from itertools import zip_longest
 
 import pytest
 
-from lladav.data.loader import (epoch_batches, epoch_order, padding_fraction, rank_batches,
-                                worker_positions)
+from lladav.data.loader import (epoch_batches, epoch_order, length_bucket, padding_fraction,
+                                rank_batches, worker_positions)
 
 KEYS = [f"{i:09d}" for i in range(203)]  # prime-ish count: a short tail batch for most sizes
 
@@ -114,8 +114,12 @@ def test_length_grouping_cuts_padding_and_moves_samples_within_a_window_only():
     flat_grouped = [i for b in grouped for i in b]
     for start in range(0, len(keys), span):
         assert sorted(flat_plain[start:start + span]) == sorted(flat_grouped[start:start + span])
-    # Within a batch lengths are sorted; across a window the batches are not (long ones not last).
-    assert all([lengths[i] for i in b] == sorted(lengths[i] for i in b) for b in grouped)
+    # A batch is a slice of its window sorted by length bucket (5% wide); within a bucket the
+    # epoch's random order stays, so equal lengths do not form runs.
+    assert all([length_bucket(lengths[i]) for i in b] == sorted(length_bucket(lengths[i]) for i in b)
+               for b in grouped)
+    assert any([lengths[i] for i in b] != sorted(lengths[i] for i in b) for b in grouped)
+    # Across a window the batches are not sorted (the long ones do not all come last).
     first_window = [max(lengths[i] for i in b) for b in grouped[:window]]
     assert first_window != sorted(first_window)
     assert grouped != epoch_batches(keys, lengths, 5, 1, batch_size, group_window=window)
