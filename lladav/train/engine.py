@@ -33,6 +33,11 @@ from torch import nn
 from lladav import storage
 
 TAG = "ckpt"  # one fixed tag: a checkpoint folder holds exactly one checkpoint
+BUCKET_FLOOR = 2**20
+"""Fewest elements in a reduce/prefetch bucket. Hugging Face's "auto" rule (hidden²: 16.7M for
+LLaDA-8B) gives a 64-wide model 4,096-element buckets, one collective per few parameters:
+measured on flavor tiny, micro-batch 32, one CPU worker, 80 samples/s with it, 139 with the floor.
+The floor leaves every model with hidden >= 1024 at the rule."""
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,8 +83,9 @@ def render_ds_config(template: str | Path | dict, *, micro_batch: int, grad_accu
             raise ValueError(f"{source}: {path} is {current!r} but the stage gives {value!r}; "
                              'set it to "auto" so the stage decides')
         _set(config, path, value)
-    tuning = {"zero_optimization.reduce_bucket_size": hidden_size**2,
-              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size**2),
+    bucket = max(hidden_size**2, BUCKET_FLOOR)
+    tuning = {"zero_optimization.reduce_bucket_size": bucket,
+              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * bucket),
               "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
     for path, value in tuning.items():
         if _get(config, path, None) == "auto":

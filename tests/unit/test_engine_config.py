@@ -31,9 +31,12 @@ def test_every_auto_is_filled_from_the_stage(template):
     assert config["gradient_clipping"] == 1.0
     assert config["bf16"] == {"enabled": True}
     zero = config["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 64 * 64
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["reduce_bucket_size"] == 2**20          # hidden² = 4096, raised to the floor
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 2**20)
     assert zero["stage3_param_persistence_threshold"] == 640
+    big = render_ds_config(template, **{**STAGE, "hidden_size": 4096})["zero_optimization"]
+    assert big["reduce_bucket_size"] == 4096**2 and big["stage3_prefetch_bucket_size"] == int(
+        0.9 * 4096**2)                                   # LLaDA-8B: Hugging Face's rule as is
     assert "optimizer" not in config and "scheduler" not in config
 
 
@@ -51,7 +54,7 @@ def test_overrides_nested_or_dotted_win_over_auto_and_the_input_is_not_mutated()
         "zero_optimization": {"overlap_comm": False}, "steps_per_print": 1})
     zero = config["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 0 and zero["overlap_comm"] is False
-    assert zero["reduce_bucket_size"] == 4096 and config["steps_per_print"] == 1
+    assert zero["reduce_bucket_size"] == 2**20 and config["steps_per_print"] == 1
     assert json.dumps(template, sort_keys=True) == before
 
 
