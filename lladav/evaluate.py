@@ -143,11 +143,12 @@ def read_test_set(uri: str, *, image_root: str | None = None, limit: int | None 
     """The records of a test set, checked one by one: a missing file, a record that cannot be
     parsed, has no assistant turn to score against, has placeholders that do not match its
     images, or (regex scoring) an invalid pattern raises TestSetError naming the file, the record
-    and the reason. Storage that cannot be reached raises storage.StorageError. Images are not
-    read here."""
+    and the reason. Storage that cannot be reached raises storage.StorageError or
+    storage.BucketNotFound. Images are not read here."""
     from lladav.data import RecordError
     from lladav.data.conversation import normalize_turns
     from lladav.data.sources import SourceError, Unreadable, enumerate_source, load_record
+    from lladav.storage import BucketNotFound
 
     source = _test_source(uri, image_root)
     n = 0
@@ -186,7 +187,9 @@ def read_test_set(uri: str, *, image_root: str | None = None, limit: int | None 
             n += 1
             yield TestRecord(ref.record_id, ref.location, messages[:last], expected, choices,
                              record.fields, ref)
-    except (SourceError, FileNotFoundError) as e:  # storage.StorageError (unreachable) passes
+    except BucketNotFound:
+        raise  # storage this machine does not see, like StorageError: not the test set's fault
+    except (SourceError, FileNotFoundError) as e:
         raise TestSetError(f"{uri}: {e}") from None
     if n == 0:
         raise TestSetError(f"{uri}: no records to evaluate")

@@ -119,24 +119,27 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         p = PlannedStep(step, key, folder, config, identity)
         if isinstance(step, StageStep):
             towers[step.name] = _check_stage_geometry(p, up, towers)
-        if isinstance(step, EvalStep) and "data" not in up:
-            _check_test_set(step)
+        unchecked = _check_test_set(step) if isinstance(step, EvalStep) and "data" not in up else None
         _read_state(p, root)
+        if unchecked and p.state != "done":
+            p.state, p.record = "unknown", {"error": unchecked}
         planned[step.name] = p
     return list(planned.values())
 
 
-def _check_test_set(step: EvalStep) -> None:
+def _check_test_set(step: EvalStep) -> str | None:
     """Every record of the eval step's test set parses and has an answer (TestSetError naming the
-    file and record otherwise); storage that cannot be reached from here (a laptop planning a
-    cluster pipeline) leaves it to the run, as it leaves step states unknown."""
+    file and record otherwise). Storage that cannot be reached from here (a laptop planning a
+    cluster pipeline, a placeholder bucket) leaves it to the run: returns why it was not checked,
+    and the step's state becomes unknown, as a step folder's does."""
     from lladav.evaluate import check_test_set
 
     try:
         check_test_set(step.data, image_root=step.image_root, limit=step.limit,
                        scoring=step.scoring)
-    except storage.StorageError as e:
-        log.info("eval step %s: test set not checked (%s)", step.name, e)
+    except (storage.StorageError, storage.BucketNotFound) as e:
+        return f"test set not checked: {e}"
+    return None
 
 
 def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],

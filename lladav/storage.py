@@ -40,6 +40,10 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")  # in-flight local writes; never listed
 
 
+class BucketNotFound(FileNotFoundError):
+    """The URI's bucket does not exist (a placeholder, or storage this machine does not see)."""
+
+
 class StorageError(Exception):
     """A storage operation failed for a reason other than a missing object; names the URI."""
 
@@ -137,9 +141,10 @@ def _s3_errors(uri: str, action: str) -> Iterator[None]:
     except ClientError as e:
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
-            what = "bucket does not exist" if code == "NoSuchBucket" else "no such object"
-            raise FileNotFoundError(f"{uri}: {what}") from e
+        if code == "NoSuchBucket":
+            raise BucketNotFound(f"{uri}: bucket does not exist") from e
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(f"{uri}: no such object") from e
         raise StorageError(f"{uri}: {action} failed: {code} {err.get('Message', '')}") from e
     except (BotoCoreError, Boto3Error) as e:
         raise StorageError(f"{uri}: {action} failed: {e} (the endpoint and credentials come from "
