@@ -201,8 +201,8 @@ def bare_loop(stage_json: str, result_path: str) -> None:
     stage = StageConfig.model_validate_json(Path(stage_json).read_text())
     model, groups, _, ds_config = prepare_model(stage, world_size=1)
     loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=0, world_size=1,
-                           num_workers=0, seed=stage.seed, aspect=stage.image_aspect,
-                           group_by_length=stage.group_by_length)
+                           num_workers=0, seed=stage.seed, group_by_length=stage.group_by_length,
+                           end_of_answer=stage.end_of_answer)
     batches = list(islice((b for _ in range(stage.max_steps) for b in loader), stage.max_steps))
     engine = eng.initialize(model, groups, ds_config, total_steps=stage.max_steps,
                             warmup_ratio=stage.warmup_ratio, betas=stage.betas,
@@ -210,7 +210,7 @@ def bare_loop(stage_json: str, result_path: str) -> None:
     masking = torch.Generator().manual_seed(stage.seed * 1000)
     clock, steps = [time.perf_counter()], []
     for step, batch in enumerate(batches, 1):
-        loss, metrics = diffusion_step(engine.module, batch, masking, stage.image_aspect)
+        loss, metrics = diffusion_step(engine.module, batch, masking, loader.aspect)
         engine.backward(loss)
         engine.step()
         clock.append(time.perf_counter())

@@ -6,7 +6,8 @@
     ├── step run "stage1"      (kind stage)    inputs: its mixture (context "train", digest tag)
     │                                          tags lladav.export, lladav.parent_run (the stage
     │                                          whose export it started from), metrics per step
-    └── step run "eval"        (kind eval)     metric heldout_accuracy, samples as artifacts
+    └── step run "eval"        (kind eval)     metrics accuracy, class_accuracy/<answer>; the
+                                               samples, confusion.csv and by_class.json
 
 `show(ref)` walks an export back through `lladav.parent_run` to the first stage and, for each
 stage, lists its mixture (digest, URI) and that mixture's source corpora (from its mixture.json).
