@@ -178,13 +178,14 @@ def generate_cmd(
     """Answer a question about images with an exported model; prints the answer."""
     from PIL import Image
 
+    from lladav.data.images import to_rgb
     from lladav.inference import SamplerSettings, answer, load
 
     net, tok = load(model)
     settings = SamplerSettings(gen_length=gen_length, block_length=block_length, steps=steps,
                                threshold=threshold, temperature=temperature,
                                use_prefix_cache=prefix_cache)
-    result = answer(net, tok, [Image.open(p).convert("RGB") for p in image], prompt, settings, tag=tag)
+    result = answer(net, tok, [to_rgb(Image.open(p)) for p in image], prompt, settings, tag=tag)
     print(result.text)
 
 

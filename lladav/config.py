@@ -47,6 +47,10 @@ class SourceFilters(StrictModel):
         return self
 
 
+MAX_WEIGHT = 100.0
+"""Ceiling of a source's weight: more repeats of one record than this is a typo, not a recipe."""
+
+
 class Source(StrictModel):
     """One corpus in a mixture (data/sources.py reads it)."""
 
@@ -60,9 +64,9 @@ class Source(StrictModel):
     image_root: str | None = None
     """URI that relative `image` paths of llava_json records resolve against (default: the
     folder of `location`)."""
-    weight: float = Field(default=1.0, ge=0.0)
+    weight: float = Field(default=1.0, ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)
     """Deterministic sampling multiplier: 0.3 keeps a seeded 30% of the records, 2.0 repeats every
-    record twice, 2.5 repeats all twice and a seeded half a third time."""
+    record twice, 2.5 repeats all twice and a seeded half a third time. Finite, at most 100."""
     tag: str | None = None
     """Text appended (after a space) to every user turn, e.g. `/think` or `/no_think`."""
     tag_probability: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -122,6 +126,10 @@ class Recipe(StrictModel):
     """Samples longer than this (text tokens + image feature tokens) are refused."""
     samples_per_shard: int = Field(default=1000, ge=1)
     """Samples written per tar shard (the last shard may hold fewer)."""
+    max_planned: int = Field(default=100_000_000, ge=1)
+    """Ceiling of the plan's size (records x weights, summed over sources). The build fails as
+    soon as enumerating the sources passes it, before planning any copies: a weight or a corpus
+    far larger than meant is caught in seconds, not after hours of scanning."""
     seed: int = 0
     """Seeds weight sampling, tag draws and the mixture order."""
     dedup: bool = True

@@ -209,8 +209,7 @@ def evaluate(export: str, test_set: str, settings: SamplerSettings | None = None
              progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
     """Answer the first `limit` (default: all) records of `test_set` with the export (folder or
     URI) and score them. progress("eval", done, total) is called after each record."""
-    from PIL import Image
-
+    from lladav.data.images import decode_rgb
     from lladav.data.sources import load_record
     from lladav.inference import answer, load
 
@@ -225,7 +224,7 @@ def evaluate(export: str, test_set: str, settings: SamplerSettings | None = None
                                           scoring=scoring)):
         try:
             blobs = load_record(source, rec.ref).images
-            images = [Image.open(io.BytesIO(b.data)).convert("RGB") for b in blobs]
+            images = [decode_rgb(b.data) for b in blobs]
         except Exception as e:  # noqa: BLE001 - a missing or broken image names its record
             raise TestSetError(f"{rec.location} (record {rec.id!r}): image unusable: {e}") from None
         out = answer(model, tok, images, rec.prompt, settings, tag=tag)

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, ad
 from lladav.data.tokenizer import load_tokenizer, tokenizer_digest
 from lladav.data.images import BadImage, image_token_count, inspect_image
 from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
-                                 load_record)
+                                 load_record, printable)
 from lladav.digest import (canonical_json, code_version, digest_obj, hash_key, hash_unit,
                            pretty_json, sha256_bytes)
 
@@ -95,6 +96,7 @@ class Sample:
     ids: np.ndarray
     targets: np.ndarray
     n_image_tokens: int
+    orientations: tuple[int, ...] = ()  # EXIF orientation per image, applied when decoded
 
 
 class Rejected(Exception):
@@ -114,11 +116,18 @@ def plan(recipe: Recipe) -> Plan:
     entries: list[tuple[str, RecordRef, int]] = []
     unreadable: list[Unreadable] = []
     records: Counter = Counter()
+    planned = 0.0
     for source in recipe.sources:
         refs = []
         for item in enumerate_source(source):
             records[source.name] += 1
             (unreadable if isinstance(item, Unreadable) else refs).append(item)
+            if planned + len(refs) * source.weight > recipe.max_planned:
+                raise BuildError(f"recipe {recipe.name}: the plan passes max_planned "
+                                 f"{recipe.max_planned} samples while enumerating source "
+                                 f"{source.name} ({len(refs)} records x weight {source.weight:g}"
+                                 f" so far); lower the weights or raise max_planned")
+        planned += len(refs) * source.weight
         whole, frac = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
         by_draw = sorted(refs, key=lambda r: hash_key(recipe.seed, "weight", source.name, r.ordinal,
                                                       r.record_id))
@@ -154,7 +163,7 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
     ref = entry.ref
     source = next(s for s in recipe.sources if s.name == ref.source)
     try:
-        loaded = load_record(source, ref, cache)
+        loaded = load_record(source, ref, cache, max_image_bytes=recipe.images.max_bytes)
         infos = []
         for blob in loaded.images:
             try:
@@ -183,20 +192,42 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
                                    f"{n_image_tokens} image) > max_length {recipe.max_length}")
     images = [(b.data, i.ext, i.width, i.height) for b, i in zip(loaded.images, infos)]
     return Sample(entry, images, tuple(sha256_bytes(b.data) for b in loaded.images), turns,
-                  text_sha, tokens.ids, tokens.targets, n_image_tokens)
+                  text_sha, tokens.ids, tokens.targets, n_image_tokens,
+                  tuple(i.orientation for i in infos))
 
 
 # ---- scan and write (Ray task bodies; plain functions so they also run in-process) ----------
 
 def scan_chunk(recipe: Recipe, entries: list[PlanEntry]) -> list[Scanned]:
+    """Process each entry; every per-record failure becomes a Scanned reject, never a task error.
+
+    Anything a record can make our code or a library raise (a parser's RecursionError, a
+    tokenizer's UnicodeError, a PIL bug) is that record's reject, `record_error`, with the
+    exception's type and message. Storage failures are not: a StorageError means the store,
+    not the record, is unwell (retries are exhausted), so it fails the task and the build.
+    """
     tok, cache, out = load_tokenizer(recipe.tokenizer), {}, []
     for entry in entries:
         try:
             s = process(recipe, entry, tok, cache)
             out.append(Scanned(entry.index, image_sha256=s.image_sha256, text_sha256=s.text_sha256))
         except Rejected as e:
-            out.append(Scanned(entry.index, e.reason, e.detail))
+            out.append(Scanned(entry.index, e.reason, printable(e.detail)))
+        except storage.StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - isolation is the point; see the docstring
+            out.append(Scanned(entry.index, "record_error", record_error_detail(e)))
     return out
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
+
+
+def record_error_detail(error: BaseException) -> str:
+    """`Type: message` of an unexpected per-record error, deterministic (memory addresses
+    removed) and capped, so identical inputs give identical rejects.parquet bytes."""
+    text = printable(f"{type(error).__name__}: {error}")
+    return _ADDRESS.sub("", text)[:500]
 
 
 def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
@@ -212,6 +243,7 @@ def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
         "n_text_tokens": int((sample.ids >= 0).sum()),
         "n_target_tokens": int((sample.targets != 0).sum()),
         "n_image_tokens": sample.n_image_tokens,
+        "image_orientations": list(sample.orientations) or [1] * len(sample.images),
     }
 
 
@@ -428,9 +460,29 @@ def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list
     return survivors, rejects
 
 
+def check_accounting(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: list[dict]) -> None:
+    """Every record read is a sample or a reject row, per source: raise BuildError otherwise.
+
+    Per source, samples + rejected == selected + unreadable, where `selected` is the planned
+    copies of the records that could be split out (records x weight) and `unreadable` the parts
+    that could not. With weight 1 that is `accepted + rejected == records`.
+    """
+    selected = Counter(e.ref.source for e in the_plan.entries)
+    unreadable = Counter(u.source for u in the_plan.unreadable)
+    samples = Counter(r["source"] for r in rows)
+    rejected = Counter(r["source"] for r in rejects)
+    for source in recipe.sources:
+        n = source.name
+        if samples[n] + rejected[n] != selected[n] + unreadable[n]:
+            raise BuildError(f"source {n}: {samples[n]} samples + {rejected[n]} rejects != "
+                             f"{selected[n]} planned + {unreadable[n]} unreadable; records were "
+                             "lost between plan and commit, nothing was committed")
+
+
 def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], rejects: list[dict],
             plan_digest: str, tok_digest: str, version: dict) -> mf.Mixture:
     rows = [row for shard in shards for row in shard["rows"]]
+    check_accounting(recipe, the_plan, rows, rejects)
     # Shards left over from an earlier, larger build of the same URI are not part of this one.
     names = {s["name"] for s in shards}
     for uri in storage.list_uris(storage.join(out_uri, mf.SHARD_DIR)):

@@ -92,6 +92,11 @@ class Tokenized:
         return np.where(self.targets != NOT_TARGET, self.ids, IGNORE_INDEX).astype(np.int64)
 
 
+# Lone surrogates ("\\ud800" in JSON) are valid JSON but not Unicode: no tokenizer or UTF-8
+# writer accepts them, so the record is rejected here rather than failing deep in a worker.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def normalize_turns(conversations: Any, n_images: int) -> list[Turn]:
     """LLaVA `conversations` -> checked turns, as the reference prepares them.
 
@@ -109,7 +114,12 @@ def normalize_turns(conversations: Any, n_images: int) -> list[Turn]:
         if role is None:
             raise ConversationError("malformed_record",
                                     f"conversations[{i}].from={msg.get('from')!r} is not a known speaker")
-        turns.append(Turn(role, msg["value"]))
+        text = msg["value"]
+        if _SURROGATE.search(text):
+            at = _SURROGATE.search(text).start()
+            raise ConversationError("invalid_text", f"conversations[{i}].value holds a lone UTF-16 "
+                                    f"surrogate {text[at]!r} at character {at} (not valid Unicode)")
+        turns.append(Turn(role, text))
     while turns and turns[0].role == "assistant":
         turns.pop(0)
     if not any(t.role == "assistant" and t.text.strip() for t in turns):

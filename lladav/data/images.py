@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from lladav.config import ImageLimits, VisionGeometry
 from lladav.data import RecordError
@@ -24,8 +25,12 @@ from lladav.data import RecordError
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # PIL format name -> file extension used for the shard member (webdataset decodes by extension).
-_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp",
-               "TIFF": "tiff"}
+# MPO (phone cameras' multi-picture JPEG) starts with an ordinary JPEG: it is stored as .jpg and
+# every reader sees its first frame.
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif",
+               "BMP": "bmp", "TIFF": "tiff"}
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # PIL's reprs carry memory addresses
+EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(RecordError):
@@ -34,9 +39,47 @@ class BadImage(RecordError):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    width: int
+    width: int        # as the model sees it: after the EXIF orientation is applied
     height: int
-    ext: str  # shard member extension: jpg, png, ...
+    ext: str          # shard member extension: jpg, png, ...
+    orientation: int = 1  # the file's EXIF orientation (1 = upright); applied when decoded
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or invalid."""
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a corrupt EXIF block must not cost the image; it is read upright
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image as the vision tower must see it: EXIF orientation applied, first frame of a
+    multi-frame file, and 8-bit RGB with each mode's range mapped correctly.
+
+    Pillow's plain `convert("RGB")` clips 16-bit greyscale ("I;16", "I") at 255, so an ordinary
+    16-bit PNG would train as a white image; here 16-bit values are scaled by 1/257 and float
+    images ("F") are read as 0..1.
+    """
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    if exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        # "I" holds 32-bit ints; PNG decodes 16-bit greyscale to it. Anything above 255 is 16-bit.
+        scale = 257.0 if img.mode != "I" or arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded bytes -> the upright 8-bit RGB image the model sees (see `to_rgb`)."""
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
@@ -57,19 +100,23 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
                                f"{width}x{height} = {width * height} pixels > max_pixels {limits.max_pixels}")
             fmt = img.format
             img.load()
+            orientation = exif_orientation(img)
+            to_rgb(img)  # the conversion training will do must succeed too
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("decompression_bomb", str(e)) from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         code = "image_truncated" if "truncated" in str(e).lower() else "image_undecodable"
-        raise BadImage(code, f"{type(e).__name__}: {e}") from None
+        raise BadImage(code, _ADDRESS.sub("", f"{type(e).__name__}: {e}")) from None
     if min(width, height) < limits.min_side:
         raise BadImage("image_too_small", f"{width}x{height}: shorter side < min_side {limits.min_side}")
     ext = _EXTENSIONS.get(fmt or "")
     if ext is None:
         raise BadImage("image_format", f"unsupported format {fmt!r}")
-    return ImageInfo(width, height, ext)
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the upright image is height x width
+        width, height = height, width
+    return ImageInfo(width, height, ext, orientation)
 
 
 def grid_pinpoints(geometry: VisionGeometry) -> list[tuple[int, int]]:
@@ -172,7 +219,7 @@ def image_tiles(img: Image.Image, geometry: VisionGeometry, aspect: str,
     resize_and_pad_image; Pillow's default BICUBIC resampling).
     """
     t = geometry.tile_size
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if aspect == "square":
         return np.stack([_to_array(img.resize((t, t), Image.BICUBIC))])
     if n_images_in_sample > 1:

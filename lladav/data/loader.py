@@ -59,13 +59,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from lladav import storage
 from lladav.config import EndOfAnswer, VisionGeometry
 from lladav.data import manifest as mf
 from lladav.data.conversation import ANSWER_TARGET, IMAGE_PLACEHOLDER_ID, NOT_TARGET
-from lladav.data.images import image_tiles
+from lladav.data.images import decode_rgb, image_tiles
 from lladav.digest import hash_key, hash_unit, sha256_bytes, sha256_file
 
 STATE_FORMAT = "lladav.loader/1"
@@ -275,7 +274,7 @@ def _decode(shard: _Shard, key: str, n_images: int, geometry: VisionGeometry,
             blobs = [read(s) for s in names]
         finally:
             os.close(fd)
-        pictures = [Image.open(io.BytesIO(b)) for b in blobs]
+        pictures = [decode_rgb(b) for b in blobs]
         tiles = [torch.from_numpy(image_tiles(p, geometry, aspect, len(pictures)))
                  for p in pictures]
     except Exception as e:  # numpy, PIL, OSError and KeyError all mean: this sample is unreadable

@@ -47,6 +47,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("n_text_tokens", pa.int32()),
     ("n_target_tokens", pa.int32()),
     ("n_image_tokens", pa.int32()),
+    ("image_orientations", pa.list_(pa.int8())),  # EXIF orientation per image (1 = upright);
+    # widths/heights above are after it is applied, as every reader decodes (images.to_rgb)
 ])
 
 REJECTS_SCHEMA = pa.schema([

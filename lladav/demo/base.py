@@ -34,7 +34,6 @@ Owns: the two base folders and the tower's pretraining. Does not own: reading co
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import random
@@ -47,7 +46,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from lladav.config import Source
@@ -118,7 +116,7 @@ def write_base(sources: Sequence[Source], tokenizer: str, out: str, *, flavor: s
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from lladav import storage
-    from lladav.data.images import image_tiles
+    from lladav.data.images import decode_rgb, image_tiles
     from lladav.data.tokenizer import load_tokenizer
     from lladav.model.flavors import FLAVORS, lladav_config_for
     from lladav.model.llada import LLaDAModelLM
@@ -133,8 +131,7 @@ def write_base(sources: Sequence[Source], tokenizer: str, out: str, *, flavor: s
     for blob, text in itertools.islice(image_text_pairs(sources, caption_turn, skipped),
                                        max_images):
         try:
-            with Image.open(io.BytesIO(blob)) as image:
-                tiles.append(image_tiles(image.convert("RGB"), geometry, "square", 1))
+            tiles.append(image_tiles(decode_rgb(blob), geometry, "square", 1))
         except Exception:  # noqa: BLE001 - PIL raises many types; a build would reject it too
             skipped["image_undecodable"] += 1
             continue

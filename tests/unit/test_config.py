@@ -31,6 +31,12 @@ def test_valid_recipe_resolves_relative_uris(tmp_path):
     ({"max_length": "long"}, "max_length"),
     ({"sources": [{"name": "a", "kind": "csv", "location": "x"}]}, "sources.0.kind"),
     ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "weight": -1}]}, "sources.0.weight"),
+    ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "weight": float("inf")}]},
+     "sources.0.weight"),
+    ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "weight": float("nan")}]},
+     "sources.0.weight"),
+    ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "weight": 1e9}]},
+     "sources.0.weight: Input should be less than or equal to 100"),
     ({"sources": [{"name": "a", "kind": "parquet", "location": "x", "filters": {"max_turn": 2}}]},
      "sources.0.filters.max_turn: unknown key"),
     ({"template": "chatml"}, "template"),
@@ -62,7 +68,7 @@ def test_recipe_fields_are_pinned():
     """Growing the recipe schema is a reviewed decision: update this list with the change."""
     assert sorted(Recipe.model_fields) == sorted([
         "name", "sources", "template", "tokenizer", "max_length", "samples_per_shard", "seed",
-        "dedup", "images", "vision", "output"])
+        "dedup", "images", "vision", "output", "max_planned"])
 
 
 STAGE = {"name": "s1", "init": {"flavor": "tiny"}, "mixture": "mix", "output": "out",

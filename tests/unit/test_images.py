@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,7 +59,8 @@ def test_pinpoints_are_i_major():
 
 def test_valid_images_report_size_and_extension():
     img = Image.new("RGB", (40, 30), (200, 10, 10))
-    assert inspect_image(encode(img, "PNG"), ImageLimits()).__dict__ == {"width": 40, "height": 30, "ext": "png"}
+    assert inspect_image(encode(img, "PNG"), ImageLimits()).__dict__ == {"width": 40, "height": 30, "ext": "png",
+                                                                      "orientation": 1}
     assert inspect_image(encode(img, "JPEG"), ImageLimits()).ext == "jpg"
 
 
@@ -77,3 +79,54 @@ def test_bad_images_are_refused_with_their_reason():
     assert len(bomb) < 100_000
     assert _bad(bomb, ImageLimits(max_pixels=10_000_000)) == "decompression_bomb"
     assert _bad(jpeg, ImageLimits(max_bytes=100)) == "image_too_large"
+
+
+# ---- modes and containers of real corpora (tests/hostile_images.py) ----------------------------
+
+def test_sixteen_bit_png_is_scaled_not_clipped_to_white():
+    from hostile_images import png16
+    from lladav.data.images import decode_rgb
+
+    data, expected = png16()
+    assert inspect_image(data, ImageLimits()).ext == "png"
+    got = np.asarray(decode_rgb(data))
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert got.mean() < 200  # clipped, it would be 255 almost everywhere
+
+
+def test_mpo_is_accepted_as_its_first_frame():
+    from hostile_images import mpo
+    from lladav.data.images import decode_rgb
+
+    data, colour = mpo()
+    info = inspect_image(data, ImageLimits())
+    assert (info.ext, info.width, info.height) == ("jpg", 40, 30)
+    assert decode_rgb(data).getpixel((20, 15)) == pytest.approx(colour, abs=3)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_to_size_and_pixels(orientation):
+    from hostile_images import exif_rotated
+    from lladav.data.images import decode_rgb, image_tiles
+
+    data, upright = exif_rotated(orientation)
+    info = inspect_image(data, ImageLimits())
+    assert (info.width, info.height) == upright and info.orientation == orientation
+    img = decode_rgb(data)
+    assert img.size == upright
+    # Stored: red left, blue right. 6 (turn clockwise): red on top; 8: red at the bottom;
+    # 3 (half turn): red on the right.
+    w, h = img.size
+    probe = {6: (w // 2, 2), 8: (w // 2, h - 3), 3: (w - 3, h // 2)}[orientation]
+    r, g, b = img.getpixel(probe)
+    assert r > 200 and b < 60
+    # The tiles the tower sees come from the upright image too.
+    tiles = image_tiles(img, VisionGeometry(tile_size=32, patch_size=8, max_grid=2), "square")
+    assert tiles.shape == (1, 3, 32, 32)
+
+
+def test_decode_errors_carry_no_memory_address():
+    with pytest.raises(BadImage) as err:
+        inspect_image(b"not an image at all", ImageLimits())
+    assert "0x" not in err.value.detail

@@ -34,15 +34,57 @@ def test_json_array_is_streamed_into_exact_byte_spans(tmp_path):
         assert load_record(src, ref).conversations == records(5)[i]["conversations"]
 
 
-def test_json_array_syntax_error_keeps_earlier_records_and_says_where(tmp_path):
+def test_json_array_syntax_error_fails_the_source_at_its_byte(tmp_path):
+    # Nothing after a syntax error can be read reliably, so the source fails loudly: keeping the
+    # records before it and dropping the rest silently is what lost records used to look like.
     good = json.dumps(records(2))[:-1]  # drop the closing bracket
     path = tmp_path / "broken.json"
-    path.write_text(good + ', {"id": "bad", "conversations": [}, {"id": "never"}]')
-    items = list(enumerate_source(Source(name="s", kind="llava_json", location=str(path))))
-    assert [i.record_id for i in items if isinstance(i, RecordRef)] == ["r0", "r1"]
-    (err,) = [i for i in items if isinstance(i, Unreadable)]
-    assert err.code == "malformed_json" and "rest of the file was not read" in err.detail
-    assert err.location == f"{path}#byte={len(good) + 2}"
+    text = good + ', {"id": "bad", "conversations": [}, {"id": "never"}]'
+    path.write_text(text)
+    with pytest.raises(sources.SourceError) as err:
+        list(enumerate_source(Source(name="s", kind="llava_json", location=str(path))))
+    assert str(err.value).startswith(f"{path}: byte {text.index('[}') + 1}: Expecting value")
+
+
+@pytest.mark.parametrize("tail, why", [('[{"id": "r2"}]', "content after the array's closing"),
+                                       ("", "the array is not closed")])
+def test_json_array_content_after_the_array_or_a_missing_end_fails_the_source(tmp_path, tail, why):
+    path = tmp_path / "two.json"
+    body = json.dumps(records(2))
+    path.write_text(body[:-1] + tail if not tail else body + tail)
+    with pytest.raises(sources.SourceError, match=why) as err:
+        list(enumerate_source(Source(name="s", kind="llava_json", location=str(path))))
+    assert str(path) in str(err.value)
+
+
+def test_byte_order_marks_are_skipped_with_exact_spans(tmp_path):
+    for name, text in [("a.json", json.dumps(records(3))),
+                       ("b.jsonl", "\n".join(json.dumps(r) for r in records(3)))]:
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        src = Source(name="s", kind="llava_json", location=str(path))
+        refs = list(enumerate_source(src))
+        assert [r.record_id for r in refs] == ["r0", "r1", "r2"]
+        assert all(load_record(src, r).conversations == records(3)[i]["conversations"]
+                   for i, r in enumerate(refs))
+
+
+def test_too_deep_elements_are_one_reject_each_and_the_rest_is_read(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    array = tmp_path / "deep.json"
+    array.write_text(f'[{json.dumps(records(1)[0])}, {{"id": "deep", "x": {deep}}}, '
+                     f'{{"x": "]}}[\\""}}, {json.dumps(records(2)[1])}]')
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(f'{json.dumps(records(1)[0])}\n{deep}\n{json.dumps(records(2)[1])}\n')
+    for path in (array, lines):
+        items = list(enumerate_source(Source(name="s", kind="llava_json", location=str(path))))
+        kinds = [(type(i).__name__, getattr(i, "code", None)) for i in items]
+        if path == array:  # the element after the deep one has brackets inside a string
+            assert kinds == [("RecordRef", None), ("Unreadable", "too_deep"), ("RecordRef", None),
+                             ("RecordRef", None)]
+        else:
+            assert kinds == [("RecordRef", None), ("Unreadable", "too_deep"), ("RecordRef", None)]
+        assert items[-1].record_id == "r1"
 
 
 def test_jsonl_records_missing_ids_get_positional_ids(tmp_path):
