@@ -10,6 +10,13 @@ loop continues from it. Rerunning a stage with the same run name and storage (th
 step key) makes Ray Train restore that run's latest checkpoint the same way (Ray 2.60, Train V2:
 `resume_from_checkpoint` is gone; a run snapshot in storage is picked up by name).
 
+A damaged checkpoint does not block the stage: before loading, the workers verify the one Ray
+hands back against its ranks' integrity files (train/checkpoints.py), each rank hashing its own
+shards; if any problem is found, rank 0 logs a warning naming the checkpoint and the problems,
+and the workers try the run's older checkpoints in storage, newest first, and resume from the
+first intact one (the skipped one keeps its slot of `checkpoint.keep` until Ray rotates it out).
+None intact fails the stage with every checkpoint and its problems.
+
 This is the only module that imports `ray.train` (STYLE item 6).
 Owns: turning a StageConfig into a Ray Train job and publishing the export. Does not own: what a
 worker does (train/loop.py) or DeepSpeed (train/engine.py).
@@ -17,14 +24,18 @@ worker does (train/loop.py) or DeepSpeed (train/engine.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import posixpath
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from lladav import storage
 from lladav.config import StageConfig
+from lladav.train import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +68,77 @@ def _worker_entry(config: dict[str, Any]) -> None:
             # reports only at checkpoints, so this wait is paid per checkpoint, not per step.
             ray.train.report(metrics)
 
+    rank, world = context.get_world_rank(), context.get_world_size()
     restored = ray.train.get_checkpoint() or config.get("resume_from")
     if restored is None:
-        run_worker(stage, WorkerContext(context.get_world_rank(), context.get_world_size(), report,
-                                        on_step=config.get("on_step")))
+        run_worker(stage, WorkerContext(rank, world, report, on_step=config.get("on_step")))
         return
-    with restored.as_directory() as folder:
-        ctx = WorkerContext(context.get_world_rank(), context.get_world_size(), report,
-                            restore_dir=folder, on_step=config.get("on_step"))
-        run_worker(stage, ctx)
+    skipped: list[tuple[str, list[str]]] = []
+    for candidate in _resume_candidates(restored, rank, world):
+        with contextlib.ExitStack() as opened:
+            try:
+                folder = opened.enter_context(candidate.as_directory())
+                mine = checkpoints.verify(folder, share=(rank, world))
+            except Exception as e:  # noqa: BLE001 - a folder deleted half way, a storage error
+                folder, mine = "", [f"unreadable: {type(e).__name__}: {e}"]
+            problems = _union_over_ranks(mine, world)  # every rank decides on the same list
+            if not problems:
+                if skipped and rank == 0:
+                    log.warning("stage %s resumes from %s (step %s), the newest intact checkpoint",
+                                stage.name, _uri(candidate), checkpoints.read_step(folder))
+                run_worker(stage, WorkerContext(rank, world, report, restore_dir=folder,
+                                                on_step=config.get("on_step")))
+                return
+        skipped.append((_uri(candidate), problems))
+        if rank == 0:
+            log.warning("stage %s skips checkpoint %s: %s", stage.name, _uri(candidate),
+                        "; ".join(problems))
+    reasons = "\n".join(f"  {uri}: {'; '.join(problems)}" for uri, problems in skipped)
+    raise RuntimeError(f"stage {stage.name}: no intact checkpoint to resume from:\n{reasons}\n"
+                       "Restore one of them, or start over under another run name (or after "
+                       "deleting the run's folder).")
+
+
+def _resume_candidates(latest: Any, rank: int, world: int) -> Iterator[Any]:
+    """The checkpoint Ray hands back, then (only if asked for) the run's older ones in storage,
+    newest first. Rank 0 lists them and sends the Checkpoint objects to all ranks: every rank
+    tries the same ones, and ranks on one node share each download (as_directory keys it by
+    the object's id)."""
+    import torch.distributed as dist
+    from pyarrow.fs import FileSelector, FileType
+    from ray.train import Checkpoint
+
+    yield latest
+    older: list[Any] = [None]
+    if rank == 0:
+        parent, name = posixpath.split(latest.path.rstrip("/"))
+        try:
+            infos = latest.filesystem.get_file_info(FileSelector(parent, allow_not_found=True))
+            siblings = [i.base_name for i in infos if i.type == FileType.Directory]
+            older = [[Checkpoint(posixpath.join(parent, n), filesystem=latest.filesystem)
+                      for n in checkpoints.fallback_order(name, siblings)]]
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, which would wait forever
+            older = [f"could not list the run's checkpoints in {parent}: {type(e).__name__}: {e}"]
+    if world > 1:
+        dist.broadcast_object_list(older, src=0)
+    if isinstance(older[0], str):
+        raise RuntimeError(older[0])
+    yield from older[0]
+
+
+def _union_over_ranks(problems: list[str], world: int) -> list[str]:
+    if world == 1:
+        return problems
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, problems)  # Ray Train set up the process group already
+    return list(dict.fromkeys(p for mine in everyone for p in mine))
+
+
+def _uri(checkpoint: Any) -> str:
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def ensure_ray() -> None:

@@ -8,7 +8,9 @@ what to resume from), built by train/launch.py under Ray Train or by a test in-p
 
 A checkpoint is DeepSpeed's sharded checkpoint plus, in each rank's client state, the loader's
 state, the RNG state of the masking generator, the step and the ledger of sample keys this rank
-consumed: restoring it continues with exactly the next sample and the same random draws.
+consumed: restoring it continues with exactly the next sample and the same random draws. Each
+rank seals its files last (train/checkpoints.py), so a resume can tell an intact checkpoint from
+a damaged one.
 
 Owns: the order of work inside one worker. Does not own: the step's math (train/step.py),
 DeepSpeed calls (train/engine.py), the data order (data/loader.py), Ray (train/launch.py).
@@ -85,6 +87,7 @@ def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict],
 def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     from lladav.data.loader import MixtureLoader
     from lladav.train import engine as eng
+    from lladav.train.checkpoints import seal
     from lladav.train.stage import format_table
     from lladav.train.step import diffusion_step
 
@@ -137,6 +140,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
                         engine.module.config.save_pretrained(folder)
                     with open(os.path.join(folder, f"ledger-rank{ctx.rank}.json"), "w") as f:
                         json.dump(ledger, f)  # the samples this rank consumed, for audits
+                    seal(folder, ctx.rank, ctx.world_size, step)  # last: lists the files above
                     ctx.report(report, folder)
             # No report between checkpoints: Ray Train V2 takes one result per controller poll
             # (every 2 s), so reporting every step made each step wait for the poll (bench/

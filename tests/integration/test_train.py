@@ -112,3 +112,41 @@ def test_lost_worker_resumes_from_s3_checkpoint_and_matches_uninterrupted_run(tm
 def _ckpt_uri(result) -> str:
     path = result.checkpoint_path
     return path if "://" in path or path.startswith("/") else "s3://" + path
+
+
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, mixture, s3_bucket):
+    import ray
+    from ray.train import TrainingFailedError
+
+    from lladav.train.launch import checkpoint_root, run_stage
+
+    # Interrupted: rank 1 dies at step 7, after the step-3 and step-6 checkpoints, and the
+    # stage gets no restart.
+    interrupted = stage(s3_bucket, mixture, name="fallback", max_steps=9, max_failures=0)
+    with pytest.raises(TrainingFailedError):
+        run_stage(interrupted, on_step=StepRecorder(str(tmp_path / "first.jsonl"), die_at=7))
+    run = storage.join(checkpoint_root(interrupted), "fallback")
+    names = [u[len(run) + 1:] for u in storage.list_uris(run)]
+    folders = sorted({n.split("/")[0] for n in names if "/" in n})  # checkpoint_<time>
+    assert len(folders) == 2
+    previous, latest = folders
+    shard = storage.join(run, latest, "ckpt", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    data = storage.read_bytes(shard)
+    storage.write_bytes(shard, data[: len(data) // 2])  # a copy that stopped half way
+
+    result = run_stage(stage(s3_bucket, mixture, name="fallback", max_steps=9),
+                       on_step=StepRecorder(str(tmp_path / "second.jsonl")))
+    steps = [r["step"] for r in records(tmp_path / "second.jsonl") if r["rank"] == 0]
+    assert steps == list(range(4, 10))  # from the step-3 checkpoint, not the step-6 one
+    assert result.metrics["step"] == 9
+    assert storage.exists(storage.join(result.export_uri, "config.json"))
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path(), "logs", "train")
+    messages = [json.loads(line)["message"] for f in sorted(logs.glob("ray-train-app-worker-*.log"))
+                for line in f.read_text().splitlines() if "stage fallback " in line]
+    skipped = [m for m in messages if "skips checkpoint" in m and latest in m]
+    assert len(skipped) == 1, messages
+    assert f"{latest}: size mismatch in ckpt/zero_pp_rank_1_mp_rank_00_optim_states.pt: " \
+           f"{len(data) // 2} bytes, sealed with {len(data)}" in skipped[0]
+    resumed = [m for m in messages if "resumes from" in m]
+    assert len(resumed) == 1 and previous in resumed[0] and "(step 3)" in resumed[0]
