@@ -2,8 +2,8 @@
 
 Owns: reading (whole, by byte range, streamed), atomic publishing (a reader sees the old object,
 the new object, or nothing; never a half-written one), recursive listing, deletion, and handing
-out a pyarrow filesystem or a local copy of an S3 folder. Retries of S3 calls are botocore's
-"standard" mode (8 attempts, exponential back-off with jitter).
+out a pyarrow filesystem or a local copy of an S3 folder, and riding out a flaky or briefly
+absent S3 endpoint (below).
 Does not own: what the bytes mean (data/manifest.py), their identity (digest.py), or which write
 counts as the commit of a larger artifact (the caller writes its index file last).
 
@@ -12,22 +12,42 @@ S3 endpoint and credentials come only from the standard AWS environment variable
 from arguments or configs, which get logged. A prefix is a folder: `s3://b/p` covers `s3://b/p/...`
 but not `s3://b/px`. On both backends a missing object raises FileNotFoundError naming the URI;
 any other failure raises StorageError naming the URI.
+
+Retries. Every S3 call runs under a deadline: a transient failure (connection refused, reset or
+dropped, a read timeout, HTTP 5xx or 429, SlowDown and the other throttling codes, a body cut
+off before its Content-Length) is retried with exponential back-off (0.25 s doubling to 4 s,
+jittered) until `LLADAV_STORAGE_RETRY_S` seconds (default 120) have passed since the first
+attempt, and at least once; 0 turns retrying off. A 4xx (NoSuchKey, AccessDenied, InvalidRange)
+is never retried. When the budget is spent the StorageError names the URI, the action, the
+attempts and the last cause. A streamed read (`open_read`) that breaks mid-body resumes with a
+Range GET from the byte it reached, provided the object's ETag is unchanged (else StorageError).
+Under the deadline botocore keeps its "standard" mode with 3 attempts per call, and timeouts are
+short (connect 5 s, read 20 s) so an outage is noticed in seconds, not minutes. pyarrow's S3
+filesystem (`arrow_filesystem`, used for parquet) retries on its own, with an attempt count
+scaled to the same budget. A Ray job hands this process's storage settings to its workers
+through its runtime_env (`worker_env`, data/build.py `ensure_ray`), so the workers of an
+existing cluster use the same endpoint, credentials and budget.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
+import logging
+import math
 import os
 import posixpath
+import random
 import re
 import shutil
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
@@ -38,6 +58,24 @@ MULTIPART_CHUNKSIZE = 16 * 2**20  # part size; S3 requires >= 5 MiB per part exc
 _CHUNK = 1 << 20
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TEMP_SUFFIX = re.compile(r"\.tmp-[0-9a-f]{32}$")  # in-flight local writes; never listed
+
+RETRY_ENV = "LLADAV_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0  # rides out an endpoint restart or a load balancer failover
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+              RETRY_ENV)
+"""The environment that configures this module, handed to Ray workers (`worker_env`)."""
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.25, 4.0  # seconds; doubling, jittered to 50-100%
+# S3's and botocore's retryable error codes (botocore/retries/standard.py and S3's error list).
+_TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottled", "RequestThrottledException", "RequestLimitExceeded",
+    "TooManyRequestsException", "BandwidthLimitExceeded", "RequestTimeout",
+    "RequestTimeoutException", "PriorRequestNotComplete", "TransactionInProgressException",
+})
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class BucketNotFound(FileNotFoundError):
@@ -108,6 +146,13 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def worker_env() -> dict[str, str]:
+    """This process's storage settings (WORKER_ENV) that are set: what a Ray job passes its
+    workers in runtime_env["env_vars"], since workers of an existing cluster were started with
+    the cluster's environment, not ours."""
+    return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+
+
 def _client() -> Any:
     """One boto3 S3 client per process and per endpoint/credential/region environment.
 
@@ -124,31 +169,140 @@ def _client() -> Any:
 
             # botocore >= 1.31 (we pin boto3 1.44.5) reads AWS_ENDPOINT_URL[_S3] itself, so no
             # endpoint_url is passed. A custom endpoint (moto, MinIO) is addressed path-style:
-            # virtual-host style would need DNS for <bucket>.<host>.
+            # virtual-host style would need DNS for <bucket>.<host>. botocore's own retries stay
+            # few (3 attempts in all) so that _s3's deadline, not an attempt count, governs.
             s3 = {"addressing_style": "path"} if _endpoint() else {}
-            config = Config(retries={"mode": "standard", "max_attempts": 8}, s3=s3)
+            config = Config(retries={"mode": "standard", "total_max_attempts": 3},
+                            connect_timeout=5, read_timeout=20, s3=s3)
             _clients[key] = boto3.session.Session().client("s3", config=config)
         return _clients[key]
 
 
-@contextmanager
-def _s3_errors(uri: str, action: str) -> Iterator[None]:
+# ---- retries and error translation -------------------------------------------------------------
+
+class _ShortBody(Exception):
+    """A body that ended before its Content-Length: the connection broke mid-transfer."""
+
+
+def retry_budget() -> float:
+    """Seconds a failing S3 call keeps being retried: $LLADAV_STORAGE_RETRY_S, default 120."""
+    raw = os.environ.get(RETRY_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise StorageError(f"{RETRY_ENV}={raw!r}: expected a number of seconds >= 0 "
+                           f"(default {DEFAULT_RETRY_S:g})")
+    return value
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error, then what it wraps: s3transfer's last_exception, __cause__, and the
+    __context__ of boto3's and s3transfer's own wrappers (S3UploadFailedError is raised inside
+    the `except ClientError`); not the context of other errors, so a bug in an except block is
+    not mistaken for the network error it was handling."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "last_exception", None), e.__cause__]
+        if type(e).__module__.startswith(("boto3", "s3transfer")):
+            todo.append(e.__context__)
+
+
+def _is_transient(error: BaseException) -> bool:
+    """True when the same call may well succeed if made again: see the module docstring."""
+    import urllib3.exceptions as u3
+    from botocore.exceptions import (ChecksumError, ClientError, FlexibleChecksumError,
+                                     HTTPClientError, IncompleteReadError, SSLError)
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(error, StorageError):  # already decided (e.g. an object changed mid-read)
+        return False
+    for e in _causes(error):
+        if isinstance(e, ClientError):
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            return code in _TRANSIENT_CODES or status >= 500 or status == 429
+        if isinstance(e, SSLError):  # a certificate does not fix itself
+            return False
+        if isinstance(e, (_ShortBody, BotoConnectionError, HTTPClientError, IncompleteReadError,
+                          ChecksumError, FlexibleChecksumError, u3.ProtocolError,
+                          u3.TimeoutError, http.client.IncompleteRead, ConnectionError,
+                          TimeoutError)):
+            return True
+    return False
+
+
+def _redact(text: str) -> str:
+    """No secret in an error message: URL passwords and the secret/token values are blanked."""
+    text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if len(value := os.environ.get(name, "")) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _translate(uri: str, action: str, error: Exception, retried: str) -> Exception | None:
+    """The exception to raise for a failed S3 call, or None to re-raise `error` unchanged."""
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    try:
-        yield
-    except ClientError as e:
-        err = e.response.get("Error", {})
+    if isinstance(error, (StorageError, FileNotFoundError)):
+        return None
+    if isinstance(error, ClientError):
+        err = error.response.get("Error", {})
         code = str(err.get("Code", ""))
         if code == "NoSuchBucket":
-            raise BucketNotFound(f"{uri}: bucket does not exist") from e
+            return BucketNotFound(f"{uri}: bucket does not exist")
         if code in ("NoSuchKey", "404", "NotFound"):
-            raise FileNotFoundError(f"{uri}: no such object") from e
-        raise StorageError(f"{uri}: {action} failed: {code} {err.get('Message', '')}") from e
-    except (BotoCoreError, Boto3Error) as e:
-        raise StorageError(f"{uri}: {action} failed: {e} (the endpoint and credentials come from "
-                           "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from e
+            return FileNotFoundError(f"{uri}: no such object")
+        return StorageError(_redact(f"{uri}: {action} failed{retried}: {code} "
+                                    f"{err.get('Message', '')}"))
+    if isinstance(error, (BotoCoreError, Boto3Error)) or retried:
+        return StorageError(_redact(
+            f"{uri}: {action} failed{retried}: {type(error).__name__}: {error} (the endpoint and "
+            "credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"))
+    return None
+
+
+def _s3(uri: str, action: str, call: Callable[[], T]) -> T:
+    """call(), retried while it fails transiently and the budget lasts; errors named by `uri`.
+
+    `call` must be safe to repeat (every S3 call here is: a GET, a PUT of the same bytes, a
+    DELETE). The budget runs from the first attempt.
+    """
+    budget = retry_budget()
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as e:
+            transient = _is_transient(e)
+            elapsed = time.monotonic() - start
+            if transient and budget > 0 and (attempt == 1 or elapsed < budget):
+                delay = min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (attempt - 1))
+                delay = min(delay * random.uniform(0.5, 1.0), max(0.0, budget - elapsed))
+                log_at = logging.WARNING if attempt == 1 else logging.DEBUG
+                log.log(log_at, "%s", _redact(f"{uri}: {action} failed ({type(e).__name__}: "
+                                              f"{e}); retrying for up to {budget:g} s"))
+                time.sleep(delay)
+                continue
+            retried = (f" after {attempt} attempt{'s' * (attempt > 1)} in {elapsed:.1f} s "
+                       f"(retry budget {budget:g} s, {RETRY_ENV})" if transient else "")
+            translated = _translate(uri, action, e, retried)
+            if translated is None:
+                raise
+            raise translated from e
 
 
 @contextmanager
@@ -162,23 +316,64 @@ def _local_errors(uri: str, action: str) -> Iterator[None]:
 
 
 class _S3Reader(io.RawIOBase):
-    """A StreamingBody as a raw stream, so io.BufferedReader gives it a local file's methods."""
+    """An S3 object as a raw stream (io.BufferedReader gives it a local file's methods) that
+    survives a broken connection: a body that stops early is reopened with a Range GET from the
+    byte it reached, if the object's ETag is still the one the read started with."""
 
-    def __init__(self, uri: str, body: Any) -> None:
-        self._uri, self._body = uri, body
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._bucket, self._key = _split_s3(uri)
+        reply = _s3(uri, "open", lambda: _client().get_object(Bucket=self._bucket, Key=self._key))
+        self._body: Any = reply["Body"]
+        self._size: int = reply["ContentLength"]
+        self._etag: str | None = reply.get("ETag")
+        self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        with _s3_errors(self._uri, "read"):  # a dropped connection mid-stream is not retried
-            data = self._body.read(len(buffer))
+        if self._body is None and self._pos >= self._size:
+            return 0
+        data = _s3(self._uri, f"read at byte {self._pos} of {self._size}",
+                   lambda: self._read(len(buffer)))
         buffer[:len(data)] = data
+        self._pos += len(data)
         return len(data)
+
+    def _read(self, n: int) -> bytes:
+        if self._body is None:
+            self._reopen()
+        try:
+            # Reading on to the empty chunk at the end lets botocore check the body's checksum.
+            data = self._body.read(n)
+            if not data and self._pos < self._size:
+                raise _ShortBody(f"the body ended at byte {self._pos} of {self._size}")
+        except Exception:
+            self._drop_body()
+            raise
+        return data
+
+    def _reopen(self) -> None:
+        span = f"bytes={self._pos}-"
+        reply = _client().get_object(Bucket=self._bucket, Key=self._key, Range=span)
+        if self._etag is not None and reply.get("ETag") != self._etag:
+            reply["Body"].close()
+            raise StorageError(f"{self._uri}: the object changed while it was read (ETag "
+                               f"{self._etag} became {reply.get('ETag')} at byte {self._pos}); "
+                               "read it again")
+        log.info("%s: resuming the read at byte %d of %d", self._uri, self._pos, self._size)
+        self._body = reply["Body"]
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            with suppress(Exception):
+                self._body.close()
+            self._body = None
 
     def close(self) -> None:
         if not self.closed:
-            self._body.close()
+            self._drop_body()
         super().close()
 
 
@@ -189,8 +384,7 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         try:
-            with _s3_errors(uri, "head"):
-                _client().head_object(Bucket=bucket, Key=key)
+            _s3(uri, "head", lambda: _client().head_object(Bucket=bucket, Key=key))
         except FileNotFoundError:
             return False
         return True
@@ -209,8 +403,15 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         span = f"bytes={offset}-{offset + length - 1}"  # HTTP ranges are inclusive
-        with _s3_errors(uri, f"read of bytes {offset}+{length}"):
-            data = _client().get_object(Bucket=bucket, Key=key, Range=span)["Body"].read()
+
+        def get() -> bytes:
+            reply = _client().get_object(Bucket=bucket, Key=key, Range=span)
+            body = reply["Body"].read()
+            if len(body) < reply["ContentLength"]:  # cut off: retried; a short object is not
+                raise _ShortBody(f"got {len(body)} of {reply['ContentLength']} bytes")
+            return body
+
+        data = _s3(uri, f"read of bytes {offset}+{length}", get)
     else:
         with _local_errors(uri, "read"), open(_local_path(uri), "rb") as f:
             f.seek(offset)
@@ -223,12 +424,12 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
 
 @contextmanager
 def open_read(uri: str) -> Iterator[BinaryIO]:
-    """A streamed binary reader (read(n), readline, iteration); it does not seek on S3."""
+    """A streamed binary reader (read(n), readline, iteration); it does not seek on S3.
+
+    On S3 a connection that breaks mid-body is resumed from the byte reached (module docstring).
+    """
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
-        with _s3_errors(uri, "open"):
-            body = _client().get_object(Bucket=bucket, Key=key)["Body"]
-        with io.BufferedReader(_S3Reader(uri, body), buffer_size=_CHUNK) as f:
+        with io.BufferedReader(_S3Reader(uri), buffer_size=_CHUNK) as f:
             yield f  # type: ignore[misc]
     else:
         with _local_errors(uri, "open"):
@@ -248,11 +449,14 @@ def list_uris(prefix_uri: str, suffix: str | None = None) -> list[str]:
     if is_s3(prefix_uri):
         bucket, key = _split_s3(prefix_uri)
         folder = key.rstrip("/") + "/" if key.strip("/") else ""
-        with _s3_errors(prefix_uri, "list"):
-            for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                             Prefix=folder):
-                rels += [o["Key"][len(folder):] for o in page.get("Contents", [])
-                         if not o["Key"].endswith("/")]
+
+        def list_all() -> list[str]:  # a failed page restarts the listing: it is one answer
+            pages = _client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                        Prefix=folder)
+            return [o["Key"][len(folder):] for page in pages for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")]
+
+        rels = _s3(prefix_uri, "list", list_all)
     else:
         root = _local_path(prefix_uri)
         for folder, _, names in os.walk(root):
@@ -303,15 +507,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         if len(data) <= MULTIPART_THRESHOLD:
-            with _s3_errors(uri, "write"):
-                _client().put_object(Bucket=bucket, Key=key, Body=data)
+            _s3(uri, "write", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
             return
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                 multipart_chunksize=MULTIPART_CHUNKSIZE)
-        with _s3_errors(uri, "upload"):
-            _client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+        _s3(uri, "upload", lambda: _client().upload_fileobj(io.BytesIO(data), bucket, key,
+                                                             Config=config))
         return
     with _local_atomic(uri) as f:
         f.write(data)
@@ -331,8 +534,8 @@ def write_file(uri: str, local_path: str | Path, multipart_threshold: int = MULT
         bucket, key = _split_s3(uri)
         config = TransferConfig(multipart_threshold=multipart_threshold,
                                 multipart_chunksize=multipart_chunksize)
-        with _s3_errors(uri, f"upload of {local_path}"):
-            _client().upload_file(str(local_path), bucket, key, Config=config)
+        _s3(uri, f"upload of {local_path}",
+            lambda: _client().upload_file(str(local_path), bucket, key, Config=config))
         return
     with _local_atomic(uri) as f, _local_errors(str(local_path), "read"), \
             open(local_path, "rb") as src:
@@ -364,8 +567,7 @@ def delete(uri: str) -> None:
     """Remove the object at `uri`; a missing object is fine."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        with _s3_errors(uri, "delete"):
-            _client().delete_object(Bucket=bucket, Key=key)
+        _s3(uri, "delete", lambda: _client().delete_object(Bucket=bucket, Key=key))
         return
     with suppress(FileNotFoundError), _local_errors(uri, "delete"):
         os.remove(_local_path(uri))
@@ -380,9 +582,8 @@ def delete_prefix(prefix_uri: str) -> None:
         uris = list_uris(prefix_uri)
         for start in range(0, len(uris), 1000):  # DeleteObjects takes at most 1000 keys
             keys = [{"Key": _split_s3(u)[1]} for u in uris[start:start + 1000]]
-            with _s3_errors(prefix_uri, "delete"):
-                reply = _client().delete_objects(Bucket=bucket,
-                                                 Delete={"Objects": keys, "Quiet": True})
+            reply = _s3(prefix_uri, "delete", lambda: _client().delete_objects(
+                Bucket=bucket, Delete={"Objects": keys, "Quiet": True}))
             errors = reply.get("Errors")
             if errors:
                 raise StorageError(f"{prefix_uri}: could not delete {len(errors)} objects, "
@@ -420,8 +621,7 @@ def local_folder(uri: str) -> Iterator[Path]:
                 raise StorageError(f"{object_uri}: key escapes its folder; refusing to download")
             dest.parent.mkdir(parents=True, exist_ok=True)
             bucket, key = _split_s3(object_uri)
-            with _s3_errors(object_uri, "download"):
-                _client().download_file(bucket, key, str(dest))
+            _s3(object_uri, "download", lambda: _client().download_file(bucket, key, str(dest)))
         yield root
 
 
@@ -429,14 +629,18 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     """`(filesystem, path)` for pyarrow and Ray Data: S3 as "bucket/key", local as an absolute path.
 
     The S3 filesystem takes the endpoint from AWS_ENDPOINT_URL and leaves credentials to the
-    AWS SDK's own chain (the AWS_* variables first), so no secret is held by the object.
+    AWS SDK's own chain (the AWS_* variables first), so no secret is held by the object. Its
+    calls bypass `_s3`: the SDK's standard retry strategy gets one attempt per 10 s of the
+    retry budget (backing off up to 20 s each), which approximates the deadline.
     """
     import pyarrow.fs as pafs
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
     bucket, key = _split_s3(uri)
-    kwargs: dict[str, Any] = {}
+    attempts = max(3, math.ceil(retry_budget() / 10))
+    kwargs: dict[str, Any] = {"connect_timeout": 5,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(attempts)}
     if region := os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
         kwargs["region"] = region
     if endpoint := _endpoint():
