@@ -15,8 +15,9 @@ stage, lists its mixture (digest, URI) and that mixture's source corpora (from i
 exports that read it, and those that descend from one that did (initialised from its export).
 
 Secrets: nothing from the environment is logged. Every param, tag and artifact text passes
-`scrub`, which blanks the value of any environment variable whose name looks like a credential
-and the user:password part of URLs, so a secret pasted into a config still never reaches MLflow.
+`scrub` (secrets.py), which blanks the value of any environment variable whose name looks like a
+credential and the user:password part of URLs, so a secret pasted into a config still never
+reaches MLflow. A tracking server that does not answer is a `TrackingError` naming it scrubbed.
 
 All calls go through `MlflowClient` with explicit run ids, never the fluent "active run": a stage
 worker logs into the same run from another process, and an active run left open at exit would
@@ -36,28 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lladav.secrets import describe, install, remember, scrub
+
 log = logging.getLogger(__name__)
 
 PREFIX = "lladav."
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|_KEY$",
-                          re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.IGNORECASE)
 _PARAM_MAX = 500
 
 
-# ---- secrets ---------------------------------------------------------------------------------
-
-def _secret_values() -> list[str]:
-    # Short values ("true", "testing") would blank ordinary words out of paths; real secrets are long.
-    values = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
-    return sorted(values, key=len, reverse=True)
-
-
-def scrub(text: str) -> str:
-    """`text` with credential-looking environment values and URL passwords blanked out."""
-    for value in _secret_values():
-        text = text.replace(value, "***")
-    return _URL_USERINFO.sub(r"\1***@", text)
+class TrackingError(RuntimeError):
+    """The MLflow tracking server did not answer or refused a call (its URI scrubbed)."""
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -72,6 +61,24 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 # ---- where the store is ----------------------------------------------------------------------
+
+def _check_listening(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at an http(s) tracking URI: MLflow's own client
+    retries a refused connection for minutes before it reports it."""
+    import socket
+    from urllib.parse import urlparse
+
+    from mlflow.exceptions import MlflowException
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise MlflowException(f"cannot connect to {parsed.hostname}:{port}: {e.strerror or e}") from None
+
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else a SQLite store under ./.lladav/ (created on first use)."""
@@ -95,8 +102,9 @@ class Lineage:
         # MLflow prints each run's URL on ending it, a password in the tracking URI included.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        remember(self.tracking_uri)
         self.client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
+        found = self._reach(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
@@ -107,6 +115,19 @@ class Lineage:
                 db = Path(self.tracking_uri.split(":///", 1)[-1])
                 location = (db.parent / "mlartifacts").resolve().as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    def _reach(self, experiment: str) -> Any:
+        """The experiment (or None), or a TrackingError before any work when the store is down."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _check_listening(self.tracking_uri)
+            return self.client.get_experiment_by_name(experiment)
+        except MlflowException as e:
+            raise TrackingError(
+                f"MLflow tracking server {scrub(self.tracking_uri)} did not answer ({describe(e)}). "
+                "Start it, or point the pipeline's mlflow.tracking_uri or MLFLOW_TRACKING_URI at "
+                "one that runs") from None
 
     # -- runs --
 
@@ -214,9 +235,14 @@ class StepMetrics:
     run_id: str
     total_steps: int | None = None
 
+    def __repr__(self) -> str:
+        # Ray Train keeps str() of every train_loop_config value in its run state
+        return f"StepMetrics({scrub(self.tracking_uri)!r}, run_id={self.run_id!r})"
+
     def __call__(self, step: int, rank: int, metrics: dict[str, Any]) -> None:
         if rank != 0:
             return
+        install()  # this worker's logs (MLflow's, Ray's, ours) are scrubbed from here on
         try:
             from mlflow import MlflowClient
             from mlflow.entities import Metric
@@ -226,7 +252,7 @@ class StepMetrics:
                      if isinstance(v, (int, float)) and not isinstance(v, bool)]
             MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=batch)
         except Exception as e:  # noqa: BLE001 - lineage must not kill a multi-day run
-            log.warning("could not log step %d to MLflow run %s: %s", step, self.run_id, e)
+            log.warning("could not log step %d to MLflow run %s: %s", step, self.run_id, describe(e))
 
 
 # ---- the auditors' queries -------------------------------------------------------------------
@@ -257,7 +283,7 @@ def _find_export_run(client: Any, ref: str) -> Any:
                               filter_string=f"tags.`{PREFIX}export` = '{ref.rstrip('/')}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
-        raise LineageError(f"{ref}: no stage run in {client.tracking_uri} exported this URI")
+        raise LineageError(f"{ref}: no stage run in {scrub(client.tracking_uri)} exported this URI")
     return runs[0]
 
 
@@ -321,11 +347,11 @@ def render_tree(node: Node) -> Any:
     style = {"export": "bold", "mixture": "cyan", "source": "green", "init": "magenta"}
 
     def add(tree: Any, n: Node) -> None:
-        branch = tree.add(f"[{style.get(n.kind, '')}]{n.label}[/]  [dim]{n.detail}[/]")
+        branch = tree.add(f"[{style.get(n.kind, '')}]{scrub(n.label)}[/]  [dim]{scrub(n.detail)}[/]")
         for c in n.children:
             add(branch, c)
 
-    root = Tree(f"[bold]{node.label}[/]  [dim]{node.detail}[/]")
+    root = Tree(f"[bold]{scrub(node.label)}[/]  [dim]{scrub(node.detail)}[/]")
     for c in node.children:
         add(root, c)
     return root
