@@ -1,8 +1,10 @@
 """The `lladav` command line: thin typer commands that each call one library function.
 
 Heavy imports (ray, torch, pyarrow) happen inside the commands, so `lladav --help` is instant.
-Known failures (bad config, missing source, uncommitted mixture) print one clear message and exit
-with status 2 instead of a traceback.
+Known failures (bad config, missing source, uncommitted mixture, tracking server down) print one
+clear message and exit with status 2 instead of a traceback. Everything the process prints or logs
+passes lladav.secrets' scrubber first (a password in MLFLOW_TRACKING_URI is in MLflow's own
+exception text); any other error prints its scrubbed traceback, without locals, and one line.
 """
 
 from __future__ import annotations
@@ -14,9 +16,24 @@ from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="LLaDA-V training, end to end.")
+
+class _ScrubbedApp(typer.Typer):
+    """The root command, run with secrets.install(), scrubbed stdout/stderr and a scrubbed
+    last-resort error handler (typer's own would print the raw message, and can print locals)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from lladav import secrets
+
+        secrets.install()
+        with secrets.scrubbed_streams(), secrets.scrubbed_errors():
+            return super().__call__(*args, **kwargs)
+
+
+app = _ScrubbedApp(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                   help="LLaDA-V training, end to end.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect training mixtures.")
 app.add_typer(data_app, name="data")
 pipeline_app = typer.Typer(no_args_is_help=True, help="Run stage pipelines as durable, keyed steps.")
@@ -40,14 +57,18 @@ def _known_errors() -> Iterator[None]:
     from lladav.data.manifest import MixtureNotCommitted
     from lladav.data.sources import SourceError
     from lladav.evaluate import TestSetError
-    from lladav.lineage import LineageError
+    from lladav.lease import LeaseHeld, LeaseLost
+    from lladav.lineage import LineageError, TrackingError
+    from lladav.secrets import scrub
     from lladav.storage import StorageError
 
     try:
         yield
     except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
-            TestSetError, StorageError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+            TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost) as e:
+        # soft_wrap: one line per message, whatever the width, for logs and grep
+        console.print(f"[bold red]error:[/] {escape(scrub(str(e)))}", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -16,6 +16,9 @@ live under a folder named by that key, so a key is also an address:
                              downstream gets new keys too, so it reruns as well
 
 Steps run in file order (references may only point backwards, so that is a topological order).
+A step runs holding the lease on its folder (lladav/lease.py), so a second `pipeline run` of the
+same pipeline refuses (LeaseHeld, naming the first) at the first step the first one is running,
+instead of training it twice; a step another run finished meanwhile is skipped.
 `plan` also checks, before any step runs, what can be checked without running: every recipe and
 stage validates, each stage's mixture was built for its model's vision tower (tile and patch
 size), and each eval step's test set exists, parses and has an answer per record.
@@ -39,6 +42,7 @@ from lladav import storage
 from lladav.config import (BaseStep, ConfigError, DataStep, EvalStep, PipelineConfig, StageStep,
                            SynthStep, TokenizerStep, VisionGeometry, load_recipe, load_stage, merge)
 from lladav.digest import code_version, digest_obj, pretty_json
+from lladav.lease import Lease, lease
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +264,8 @@ class RunContext:
     progress: Callable[[str], Progress]
     """progress(step name) -> update(phase, done, total)."""
     say: Callable[[str], None]
+    lease: Lease | None = None
+    """The lease on the running step's folder; checked before the step commits anything."""
 
 
 def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = None,
@@ -279,9 +285,7 @@ def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = No
     try:
         for p in steps:
             if p.state == "done":
-                ctx.done[p.name] = p.record or {}
-                lineage.set_tags(parent, {f"lladav.step.{p.name}": f"skipped: done in run {p.record['run_id']}"})
-                say(f"skip  {p.name:<14} done (key {p.key[:12]}, run {p.record['run_id'][:8]})")
+                _skip(p, ctx)
                 continue
             _run_step(p, ctx)
         status = "FINISHED"
@@ -289,11 +293,47 @@ def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = No
         status = "KILLED"
         raise
     finally:
-        lineage.end_run(parent, status)
+        _end_run_quietly(lineage, parent, status)
     return steps
 
 
+def _end_run_quietly(lineage: Any, run_id: str, status: str) -> None:
+    """End a run; if the tracking server is gone too, log that instead of raising, so the error
+    that stopped the pipeline is the one the user sees."""
+    try:
+        lineage.end_run(run_id, status)
+    except Exception as e:  # noqa: BLE001 - a second failure must not replace the first
+        if status == "FINISHED":
+            raise
+        from lladav.secrets import describe
+
+        log.warning("could not mark run %s %s: %s", run_id, status, describe(e))
+
+
+def _skip(p: PlannedStep, ctx: RunContext) -> None:
+    ctx.done[p.name] = p.record or {}
+    ctx.lineage.set_tags(ctx.parent_run,
+                         {f"lladav.step.{p.name}": f"skipped: done in run {p.record['run_id']}"})
+    ctx.say(f"skip  {p.name:<14} done (key {p.key[:12]}, run {p.record['run_id'][:8]})")
+
+
 def _run_step(p: PlannedStep, ctx: RunContext) -> None:
+    """Run a step holding the lease on its folder (lladav/lease.py): a concurrent run of the
+    same pipeline refuses with LeaseHeld, naming this one, instead of running the step twice.
+    Its markers are read again under the lease: another run may have finished it since the plan."""
+    with lease(p.folder, f"pipeline {ctx.pipe.name} step {p.name}") as held:
+        _read_markers(p, storage_root(ctx.pipe))
+        if p.state == "done":
+            _skip(p, ctx)
+            return
+        ctx.lease = held
+        try:
+            _run_leased(p, ctx)
+        finally:
+            ctx.lease = None
+
+
+def _run_leased(p: PlannedStep, ctx: RunContext) -> None:
     lin = ctx.lineage
     if p.state == "interrupted" and p.record and p.record.get("run_id"):
         run_id = lin.resume_run(p.record["run_id"])
@@ -310,8 +350,9 @@ def _run_step(p: PlannedStep, ctx: RunContext) -> None:
     lin.set_tags(ctx.parent_run, {f"lladav.step.{p.name}": run_id})
     try:
         outputs = RUNNERS[p.kind](p, ctx, run_id)
+        ctx.lease.check()  # a run that lost the step's lease must not commit it
     except BaseException:
-        lin.end_run(run_id, "FAILED")
+        _end_run_quietly(lin, run_id, "FAILED")
         raise
     record = {"step": p.name, "kind": p.kind, "key": p.key, "run_id": run_id,
               "outputs": outputs, "finished": time.time()}
@@ -433,6 +474,8 @@ def _run_stage(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     steps = int(result.metrics.get("step", 0))
     update("train", steps, steps)
     lin.set_tags(run_id, {"lladav.export": result.export_uri.rstrip("/")})
+    if ctx.lease:
+        ctx.lease.check()  # one model version per export: not from a run that lost the lease
     version = lin.register_export(run_id, f"{ctx.pipe.name}-{p.name}", result.export_uri)
     _log_graph(lin, run_id, result.export_uri)
     return {"export": result.export_uri, "checkpoints": storage.join(p.folder, "checkpoints"),

@@ -18,6 +18,9 @@ Resume: each written shard leaves a small done-marker (`_build/shard-N.json`, wi
 the plan it was written from) after its tar; a rerun skips shards whose marker matches. Nothing
 looks committed until mixture.json exists, and `_build/` is removed after the commit.
 
+One writer per output: from plan to commit the build holds the lease on its output URI
+(lladav/lease.py), so a second build to the same URI refuses at once, naming this one.
+
 Owns: the build's order of work and its guarantees. Does not own: reading formats
 (data/sources.py), image and template rules (data/images.py, data/conversation.py), or the
 files' schemas (data/manifest.py).
@@ -49,6 +52,7 @@ from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_
                                  load_record, printable)
 from lladav.digest import (canonical_json, code_version, digest_obj, hash_key, hash_unit,
                            pretty_json, sha256_bytes)
+from lladav.lease import Lease, lease
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +368,15 @@ def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
         tok_digest = tokenizer_digest(recipe.tokenizer)
     except FileNotFoundError as e:
         raise BuildError(str(e)) from None
+    # One writer per output: a second build to this URI refuses here, naming this one.
+    with lease(out_uri, f"build recipe {recipe.name}") as held:
+        return _build_leased(recipe, out_uri, tok_digest, held, num_workers=num_workers,
+                             overwrite=overwrite, progress=progress)
+
+
+def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
+                  num_workers: int, overwrite: bool, progress: Progress | None) -> mf.Mixture:
+    """The build proper (plan to commit), run while holding the lease on `out_uri`."""
     recipe_identity = recipe.identity()
     version = code_version()
 
@@ -405,6 +418,7 @@ def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
     written = _run_tasks(write_shard, [a for _, a in shard_jobs], num_workers, "write", progress)
     markers.update({s: m for (s, _), m in zip(shard_jobs, written)})
     shards = [markers[s] for s in sorted(markers)]
+    held.check()  # a build that lost its lease must not commit over another writer's files
     return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tok_digest, version)
 
 
