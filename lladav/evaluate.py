@@ -189,7 +189,9 @@ def read_test_set(uri: str, *, image_root: str | None = None, limit: int | None 
                              record.fields, ref)
     except BucketNotFound:
         raise  # storage this machine does not see, like StorageError: not the test set's fault
-    except (SourceError, FileNotFoundError) as e:
+    except SourceError as e:  # names the file and byte already
+        raise TestSetError(f"{e} (at record {n + 1} of the test set)") from None
+    except FileNotFoundError as e:
         raise TestSetError(f"{uri}: {e}") from None
     if n == 0:
         raise TestSetError(f"{uri}: no records to evaluate")

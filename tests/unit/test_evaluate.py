@@ -145,7 +145,7 @@ def test_a_bad_test_set_is_one_clear_error_naming_file_and_record(tmp_path):
     with pytest.raises(TestSetError, match=r"no-answer\.json.*'r7'.*no assistant turn"):
         check_test_set(_write(tmp_path / "no-answer.json", [good, no_answer]))
     (tmp_path / "broken.json").write_text(json.dumps([good])[:-1] + ', {"id": "x", "conv')
-    with pytest.raises(TestSetError, match=r"broken\.json.*record 2 cannot be parsed"):
+    with pytest.raises(TestSetError, match=r"broken\.json: byte \d+: Unterminated string.*at record 2 of the test set"):
         check_test_set(str(tmp_path / "broken.json"))
     (tmp_path / "lines.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(TestSetError, match=r"lines\.jsonl.*record 2 cannot be parsed.*line 2"):

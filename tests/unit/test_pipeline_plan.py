@@ -215,7 +215,7 @@ def test_the_own_corpus_template_plans(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "test.json").unlink(), r"test\.json"),
     (lambda c: (c / "test.json").write_text('[{"id": "a", "conversations": [}]'),
-     r"test\.json#byte=1: record 1 cannot be parsed"),
+     r"test\.json: byte 31: Expecting value.* \(at record 1 of the test set\)"),
     (lambda c: (c / "test.json").write_text(json.dumps([{"id": "q1", "conversations": [
         {"from": "human", "value": "What?"}]}])), r"test\.json#byte=1 \(record 'q1'\): no assistant turn"),
 ])

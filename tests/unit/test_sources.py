@@ -6,7 +6,7 @@ import pytest
 
 from lladav.config import Source
 from lladav.data import sources
-from lladav.data.sources import BadRecord, RecordRef, Unreadable, enumerate_source, load_record
+from lladav.data.sources import BadRecord, enumerate_source, load_record
 
 
 @pytest.fixture(autouse=True)
