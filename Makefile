@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(BIN)/lladav demo
 
+# Three workers on two cores: most of a test's time is Ray, servers and subprocesses starting
+# or waiting, not CPU; each worker has its own Ray cluster, moto and MLflow servers.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=15
 
 test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -220,3 +220,12 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+# ---- order: the long integration tests first -------------------------------------------------
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run `slow` tests before the rest (stable otherwise). Under `make test`'s parallel workers
+    (pytest-xdist) the minutes-long pipeline runs then start at once instead of last, so the
+    suite's wall time is the longest test plus what the other workers fit beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
