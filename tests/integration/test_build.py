@@ -237,7 +237,9 @@ def test_bad_input_is_rejected_with_reasons_and_nothing_else_is_lost(tmp_path, s
     # The malformed line and the escaping tar member cannot even be parsed: located, no id.
     unparsed = {r["reason"]: r for r in rejects if r["source_id"] is None}
     assert unparsed["malformed_json"]["location"].startswith(str(root / "records.jsonl") + "#byte=")
-    assert unparsed["unsafe_path"]["location"].endswith("#../evil.txt")
+    # A tar record is its members' key: the record "../evil" is refused whole, naming the member.
+    assert unparsed["unsafe_path"]["location"].endswith("#../evil")
+    assert "'../evil.txt'" in unparsed["unsafe_path"]["detail"]
     # Exact duplicates (same file, or same bytes under another name with re-spaced, re-cased
     # text) lose to the first in mixture order; exactly one of each group survives.
     group = {"good1", "dup_same_file", "dup_other_file"}
