@@ -56,6 +56,7 @@ def _known_errors() -> Iterator[None]:
     from lladav.data.build import BuildError
     from lladav.data.manifest import MixtureNotCommitted
     from lladav.data.sources import SourceError
+    from lladav.data.views import ViewError
     from lladav.evaluate import TestSetError
     from lladav.lease import LeaseHeld, LeaseLost
     from lladav.lineage import LineageError, TrackingError
@@ -65,7 +66,7 @@ def _known_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
-            TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost) as e:
+            TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost, ViewError) as e:
         # soft_wrap: one line per message, whatever the width, for logs and grep
         console.print(f"[bold red]error:[/] {escape(scrub(str(e)))}", highlight=False,
                       soft_wrap=True)
@@ -91,6 +92,10 @@ def _progress_bar() -> Iterator[Any]:
 
 def print_summary(mixture: Any) -> None:
     """The table `data build` ends with and `data inspect` prints."""
+    from lladav.data.manifest import View
+
+    if isinstance(mixture, View):
+        return print_view_summary(mixture)
     info = mixture.info
     counts = info["counts"]
     table = Table(title=f"mixture {info['name']}  {mixture.uri}", title_justify="left")
@@ -110,6 +115,39 @@ def print_summary(mixture: Any) -> None:
     console.print(f"shards {counts['shards']} · template {info['recipe']['template']} · tokenizer "
                   f"{info['tokenizer']['digest'][:12]} · digest [bold]{mixture.digest[:16]}[/]",
                   highlight=False)
+
+
+def print_view_summary(view: Any) -> None:
+    """The table `data view` ends with (and `data inspect` prints for a view)."""
+    info = view.info
+    table = Table(title=f"view {info['name']}  {view.uri}", title_justify="left")
+    for col in ("mixture", "source", "weight", "available", "samples"):
+        table.add_column(col, justify="left" if col in ("mixture", "source") else "right",
+                         no_wrap=True)
+    for m in info["mixtures"]:
+        for name, c in m["sources"].items():
+            table.add_row(m["name"], name, f"{c['weight']:g}", str(c["available"]), str(c["samples"]))
+    counts = info["counts"]
+    table.add_row("[bold]total", "", "", "", f"[bold]{counts['samples']}")
+    console.print(table)
+    console.print(f"seed {info['seed']} · {counts['shards']} shards of its mixtures, none written · "
+                  f"tokens {counts['tokens']:,} · tokenizer {info['tokenizer']['digest'][:12]} · "
+                  f"digest [bold]{view.digest[:16]}[/]", highlight=False, soft_wrap=True)
+
+
+def _weights(items: list[str]) -> dict[str, float]:
+    from lladav.config import ConfigError
+
+    out: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            name = ""
+        if not name.strip():
+            raise ConfigError(f"--weight {item!r}: write NAME=NUMBER, e.g. --weight captions=0.5")
+    return out
 
 
 @data_app.command("build")
@@ -134,8 +172,25 @@ def data_build(
         print_summary(mixture)
 
 
+@data_app.command("view")
+def data_view(
+    mixture: list[str] = typer.Option(..., "--mixture", help="URI of a committed mixture; repeat for several."),
+    weight: list[str] = typer.Option([], "--weight", help="NAME=W: a source, a mixture's name or mixture/source, repeated W times (0.5 keeps a seeded half); repeat for several. Unnamed sources keep 1."),
+    out: str = typer.Option(..., "--out", help="URI to write the view to (view.json + manifest.parquet; no shard)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds which samples a fractional weight keeps."),
+    name: str = typer.Option(None, "--name", help="The view's name (default: its mixtures' names + '-view')."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different view already committed at --out."),
+) -> None:
+    """Re-weight committed mixtures without rebuilding: a view usable wherever a mixture URI is."""
+    from lladav.data.views import make_view
+
+    with _known_errors():
+        view = make_view(mixture, _weights(weight), out, seed=seed, name=name, overwrite=overwrite)
+    print_view_summary(view)
+
+
 @data_app.command("inspect")
-def data_inspect(uri: str = typer.Argument(..., help="URI of a committed mixture.")) -> None:
+def data_inspect(uri: str = typer.Argument(..., help="URI of a committed mixture or view.")) -> None:
     """Print the summary of an existing mixture."""
     from lladav.data.manifest import open_mixture
 

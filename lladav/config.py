@@ -324,6 +324,45 @@ class EndOfAnswer(StrictModel):
         return self
 
 
+class Shuffle(StrictModel):
+    """The loader's per-epoch sample order (data/loader.py epoch_order). Either way it is a pure
+    function of the manifest, the seed, the epoch and these settings, never of the world size
+    or the loader workers, and resume continues it at the exact next batch.
+
+    `block` keeps a node's working set to a few shards: the epoch permutes the shards by seeded
+    hash, cuts them into blocks of `block_shards`, and shuffles the samples within each block,
+    so a stretch of training reads from at most one block (two where a length-grouping window or
+    a batch straddles a boundary). `global` shuffles all samples together, so every stretch
+    touches every shard (the whole mixture must sit in the shard cache to avoid re-downloads).
+    The build already spreads every source over all shards (plan order is a seeded hash), so
+    a block is a random sample of the mixture. A mixture of at most `block_shards` shards gets
+    exactly the global order."""
+
+    kind: Literal["block", "global"] = "block"
+    """`block` (default): a seeded block shuffle over groups of shards; `global`: one seeded
+    permutation of every sample."""
+    block_shards: int = Field(default=16, ge=1)
+    """block: shards per block (16 x 1,000-sample shards: 16,000 samples shuffled together)."""
+
+
+class ShardCacheSettings(StrictModel):
+    """Where a node keeps the shards it reads (data/shard_cache.py): one content-addressed folder
+    shared by every rank and loader worker of the node, so each shard is downloaded once per node,
+    kept under a byte cap, and fetched ahead of use in the sample order. Shards of a local mixture
+    are read in place; the folder then only records that each was verified once."""
+
+    folder: str | None = None
+    """Local folder of the cache, shared by the node's ranks; default $LLADAV_SHARD_CACHE, else
+    <tmp>/lladav-shard-cache-<uid>."""
+    limit_bytes: int | None = Field(default=None, ge=1)
+    """Most bytes of shards the folder holds (least recently used shards not in use are evicted);
+    default: the block order's working set, (2 x block_shards + prefetch_shards) x the largest
+    shard, and no cap under the global order. At least two of the largest shards."""
+    prefetch_shards: int = Field(default=16, ge=0)
+    """Shards fetched ahead of use (the next first-used ones in this rank's order). At least
+    block_shards hides the download of a new block; 0 fetches on demand only."""
+
+
 class StageConfig(StrictModel):
     """One training stage: `lladav train STAGE.yaml`."""
 
@@ -366,6 +405,10 @@ class StageConfig(StrictModel):
     checkpoint: Checkpointing = Checkpointing()
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker."""
+    shuffle: Shuffle = Shuffle()
+    """The per-epoch sample order (see Shuffle): a block shuffle over groups of shards."""
+    shard_cache: ShardCacheSettings = ShardCacheSettings()
+    """The node's shard cache: folder, byte cap, prefetch window (see ShardCacheSettings)."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts from the last checkpoint before the stage fails."""
     seed: int = 0
@@ -529,6 +572,25 @@ class DataStep(_Step):
         return {"tokenizer": self.tokenizer} if self.tokenizer else {}
 
 
+class ViewStep(_Step):
+    """A view over committed mixtures (data/views.py): per-source weights and a seed, written to
+    the step's folder without a shard of its own. A stage step names it in `mixture`, as it
+    names a data step; changing a weight reruns this step and the stages after it, not a build."""
+
+    kind: Literal["view"]
+    mixtures: list[str] = Field(min_length=1)
+    """Data steps' names (their mixtures), or committed mixture URIs."""
+    weights: dict[str, Annotated[float, Field(ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)]] = {}
+    """Repeat factor per source name, mixture name (all its sources) or `mixture/source` (the
+    most specific applies; others keep 1.0): 0.5 keeps a seeded half, 2.0 every sample twice."""
+    seed: int = 0
+    """Seeds which samples a fractional weight keeps."""
+
+    def refs(self) -> dict[str, str]:
+        return {f"mixtures.{i}": m for i, m in enumerate(self.mixtures)
+                if is_step_name(m) and "://" not in m}
+
+
 class StageStep(_Step):
     """A training stage (train/launch.py); its export and checkpoints go under the step's folder."""
 
@@ -536,7 +598,8 @@ class StageStep(_Step):
     stage: str
     """Stage YAML, relative to the pipeline file."""
     mixture: str | None = None
-    """A data step's name (its mixture replaces the stage's `mixture`), or a mixture URI."""
+    """A data or view step's name (its mixture replaces the stage's `mixture`), or a mixture
+    (or view) URI."""
     init: str | None = None
     """A stage step's name whose export initialises this stage; null keeps the stage's `init`."""
     base: str | None = None
@@ -605,10 +668,12 @@ class EvalStep(_Step):
         return out
 
 
-Step = Annotated[Union[SynthStep, TokenizerStep, BaseStep, DataStep, StageStep, EvalStep],
-                 Field(discriminator="kind")]
-_REF_KINDS = {"mixture": ("data",), "init": ("stage",), "model": ("stage",), "data": ("synth",),
-              "tokenizer": ("tokenizer", "synth"), "base": ("base", "synth")}
+Step = Annotated[Union[SynthStep, TokenizerStep, BaseStep, DataStep, ViewStep, StageStep,
+                       EvalStep], Field(discriminator="kind")]
+_REF_KINDS = {"mixture": ("data", "view"), "mixtures": ("data",), "init": ("stage",),
+              "model": ("stage",), "data": ("synth",), "tokenizer": ("tokenizer", "synth"),
+              "base": ("base", "synth")}
+"""Which step kinds a reference may name, by role (`mixtures.N` is role `mixtures`)."""
 
 
 class PipelineConfig(StrictModel):
@@ -631,9 +696,10 @@ class PipelineConfig(StrictModel):
             for role, ref in step.refs().items():
                 if ref not in kinds:
                     raise ValueError(f"steps.{i} ({step.name}): {role} {ref!r} must name an earlier step")
-                if kinds[ref] not in _REF_KINDS[role]:
+                allowed = _REF_KINDS[role.partition(".")[0]]
+                if kinds[ref] not in allowed:
                     raise ValueError(f"steps.{i} ({step.name}): {role} {ref!r} is a {kinds[ref]} step, "
-                                     f"expected a {' or '.join(_REF_KINDS[role])} step")
+                                     f"expected a {' or '.join(allowed)} step")
             for ref in step.needs:
                 if ref not in kinds:
                     raise ValueError(f"steps.{i} ({step.name}): needs {ref!r} must name an earlier step")
@@ -670,5 +736,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
                 update[field] = _resolve(getattr(s, field), base)
         if getattr(s, "corpus", None):
             update["corpus"] = [_resolve(c, base) for c in s.corpus]
+        if isinstance(s, ViewStep):
+            update["mixtures"] = [m if m in refs.values() else _resolve(m, base) for m in s.mixtures]
         steps.append(s.model_copy(update=update))
     return pipe.model_copy(update={"steps": steps, "storage": _resolve(pipe.storage, base)})

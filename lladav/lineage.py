@@ -3,16 +3,23 @@
     pipeline run (parent)                      tags lladav.pipeline, lladav.git_commit, lladav.version
     ├── step run "mix-stage1"  (kind data)     inputs: each source corpus (context "source")
     │                                          tags lladav.mixture + lladav.mixture_digest
-    ├── step run "stage1"      (kind stage)    inputs: its mixture (context "train", digest tag)
+    ├── step run "mix-view"    (kind view)     inputs: each mixture it weights (context "mixture")
+    │                                          tags lladav.mixture + lladav.mixture_digest (the view's)
+    ├── step run "stage1"      (kind stage)    inputs: its mixture (context "train", digest tag),
+    │                                          and if that is a view, the view's mixtures
+    │                                          (context "mixture", tag lladav.view)
     │                                          tags lladav.export, lladav.parent_run (the stage
     │                                          whose export it started from), metrics per step
     └── step run "eval"        (kind eval)     metrics accuracy, class_accuracy/<answer>; the
                                                samples, confusion.csv and by_class.json
 
 `show(ref)` walks an export back through `lladav.parent_run` to the first stage and, for each
-stage, lists its mixture (digest, URI) and that mixture's source corpora (from its mixture.json).
+stage, lists its mixture (digest, URI) and that mixture's source corpora (from its mixture.json);
+a view lists its mixtures, each with its weights and sources.
 `trace(source, record)` scans every stage run's mixture manifest for the record and returns the
-exports that read it, and those that descend from one that did (initialised from its export).
+exports that read it, and those that descend from one that did (initialised from its export). A
+view's manifest rows carry their mixture rows' source and record id, so a record is found
+through a view exactly as often as the view repeats it (and not at all if it dropped it).
 
 Secrets: nothing from the environment is logged. Every param, tag and artifact text passes
 `scrub` (secrets.py), which blanks the value of any environment variable whose name looks like a
@@ -288,12 +295,21 @@ def _find_export_run(client: Any, ref: str) -> Any:
 
 
 def _mixture_sources(uri: str) -> list[Node]:
-    from lladav.data.manifest import open_mixture
+    """The source corpora of a mixture; for a view, its mixtures, each with its sources."""
+    from lladav.data.manifest import View, open_mixture
 
     try:
-        info = open_mixture(uri).info
+        mixture = open_mixture(uri)
     except (OSError, ValueError) as e:
         return [Node("source", "(mixture unreadable)", str(e))]
+    info = mixture.info
+    if isinstance(mixture, View):
+        return [Node("mixture", f"mixture {m['name']}",
+                     f"{m['digest']} · {scrub(m['uri'])} · view weights " + ", ".join(
+                         f"{s} {c['weight']:g} ({c['samples']} of {c['available']})"
+                         for s, c in m["sources"].items()),
+                     children=_mixture_sources(m["uri"]))
+                for m in info["mixtures"]]
     counts = info.get("counts", {}).get("by_source", {})
     return [Node("source", f"source {s['name']}",
                  f"{s['kind']} {scrub(s['location'])} · {counts.get(s['name'], {}).get('samples', '?')} samples")

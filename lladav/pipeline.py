@@ -7,6 +7,7 @@ live under a folder named by that key, so a key is also an address:
     <storage>/steps/<step>/<key[:16]>/   started.json  written when the step starts (+ its MLflow run)
                                           done.json     written last, atomically: the step is done
                                           tokenizer/ | base/ | mixture/ | export/ + checkpoints/
+                                          (a view step writes its view to mixture/)
 
     done.json present     -> the step is skipped (its outputs are read from done.json)
     only started.json     -> interrupted: rerun in the same folder, which resumes (a build keeps
@@ -40,7 +41,8 @@ from typing import Any, Callable
 
 from lladav import storage
 from lladav.config import (BaseStep, ConfigError, DataStep, EvalStep, PipelineConfig, StageStep,
-                           SynthStep, TokenizerStep, VisionGeometry, load_recipe, load_stage, merge)
+                           SynthStep, TokenizerStep, ViewStep, VisionGeometry, load_recipe,
+                           load_stage, merge)
 from lladav.digest import code_version, digest_obj, pretty_json
 from lladav.lease import Lease, lease
 
@@ -112,6 +114,7 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
     root = storage_root(pipe)
     planned: dict[str, PlannedStep] = {}
     towers: dict[str, tuple[int, int, str] | None] = {}
+    geometries: dict[str, tuple[VisionGeometry | None, str]] = {}  # data and view steps'
     for step in pipe.steps:
         up = {role: planned[ref] for role, ref in step.refs().items()}
         inputs = {role: p.key for role, p in up.items()}
@@ -121,8 +124,12 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         folder = storage.join(root, "steps", step.name, key[:16])
         config, _ = _resolve(step, up, folder)
         p = PlannedStep(step, key, folder, config, identity)
+        if isinstance(step, DataStep):
+            geometries[step.name] = (config.vision, f"step {step.name}, recipe {step.recipe}")
+        if isinstance(step, ViewStep):
+            geometries[step.name] = _check_view_geometry(p, geometries)
         if isinstance(step, StageStep):
-            towers[step.name] = _check_stage_geometry(p, up, towers)
+            towers[step.name] = _check_stage_geometry(p, up, towers, geometries)
         unchecked = _check_test_set(step) if isinstance(step, EvalStep) and "data" not in up else None
         _read_state(p, root)
         if unchecked and p.state != "done":
@@ -146,11 +153,42 @@ def _check_test_set(step: EvalStep) -> str | None:
     return None
 
 
-def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
-                          towers: dict[str, tuple[int, int, str] | None]) -> tuple | None:
-    """The stage's tower (tile, patch, where) as far as it can be known before running, checked
-    against its mixture's geometry (the recipe's, or a committed mixture's mixture.json)."""
+def _committed_geometry(uri: str) -> VisionGeometry | None:
+    """A committed mixture's (or view's) geometry; None when it cannot be read from here."""
     from lladav.data.manifest import MixtureNotCommitted, open_mixture
+
+    try:
+        return open_mixture(uri).geometry
+    except (MixtureNotCommitted, storage.StorageError, FileNotFoundError):
+        return None
+
+
+def _check_view_geometry(p: PlannedStep, geometries: dict[str, tuple[VisionGeometry | None, str]]
+                         ) -> tuple[VisionGeometry | None, str]:
+    """A view's mixtures must count image tokens for one tower: ConfigError naming two that
+    differ. Returns the first known geometry (and where it comes from) for the view's stages."""
+    known = []
+    for i, m in enumerate(p.step.mixtures):
+        ref = p.step.refs().get(f"mixtures.{i}")
+        geometry, where = geometries[ref] if ref else (_committed_geometry(m), m)
+        if geometry is not None:
+            known.append((geometry, where))
+    for geometry, where in known[1:]:
+        a, b = (geometry.tile_size, geometry.patch_size), (known[0][0].tile_size, known[0][0].patch_size)
+        if a != b:
+            raise ConfigError(f"view step {p.name}: its mixtures count image tokens for different "
+                              f"towers: {where} for {a[0]} px tiles of {a[1]} px patches, "
+                              f"{known[0][1]} for {b[0]} px tiles of {b[1]} px patches; give "
+                              "their recipes one `vision:`")
+    return known[0] if known else (None, f"view step {p.name}")
+
+
+def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
+                          towers: dict[str, tuple[int, int, str] | None],
+                          geometries: dict[str, tuple[VisionGeometry | None, str]]) -> tuple | None:
+    """The stage's tower (tile, patch, where) as far as it can be known before running, checked
+    against its mixture's geometry (the recipe's, a view step's mixtures', or a committed
+    mixture's or view's)."""
     from lladav.model.flavors import FLAVORS
     from lladav.train.stage import check_geometry, tower_geometry
 
@@ -167,14 +205,9 @@ def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
     else:
         tower = tower_geometry(stage.init)
     if "mixture" in up:
-        recipe = up["mixture"].config
-        geometry: VisionGeometry | None = recipe.vision
-        where = f"step {up['mixture'].name}, recipe {up['mixture'].step.recipe}"
+        geometry, where = geometries[up["mixture"].name]
     else:
-        try:
-            geometry, where = open_mixture(stage.mixture).geometry, stage.mixture
-        except (MixtureNotCommitted, storage.StorageError, FileNotFoundError):
-            geometry = None
+        geometry, where = _committed_geometry(stage.mixture), stage.mixture
     if geometry is not None:
         check_geometry(p.name, tower, geometry, where)
     return tower
@@ -196,6 +229,16 @@ def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None) -> tuple
         if "tokenizer" in up:
             identity["tokenizer"] = f"<step {up['tokenizer'].name}>"
         return recipe.model_copy(update={"output": out["mixture"]}), identity
+    if isinstance(step, ViewStep):
+        # a data step's mixture by its step (the key covers it), a URI as written
+        named = {i: up[role] for i in range(len(step.mixtures)) if (role := f"mixtures.{i}") in up}
+        placeholders = [f"<step {named[i].name}>" if i in named else m
+                        for i, m in enumerate(step.mixtures)]
+        uris = [_outputs(named[i].folder)["mixture"] if i in named and folder else m
+                for i, m in enumerate(placeholders)]
+        identity = {**step.model_dump(mode="json", exclude={"name", "needs"}),
+                    "mixtures": placeholders}
+        return step.model_copy(update={"mixtures": uris}), identity
     if isinstance(step, StageStep):
         over: dict[str, Any] = {"output": out["export"], "checkpoint": {"uri": out["checkpoints"]}}
         if "mixture" in up:
@@ -440,6 +483,36 @@ def _run_data(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     return {"mixture": mixture.uri, "digest": mixture.digest}
 
 
+def _run_view(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
+    from lladav.data.views import make_view
+
+    step: ViewStep = p.config
+    lin = ctx.lineage
+    lin.log_config(run_id, "view", step.model_dump(mode="json"))
+    # overwrite: the folder is this key's own; a different view there is an older attempt
+    view = make_view(step.mixtures, step.weights, _outputs(p.folder)["mixture"], seed=step.seed,
+                     name=step.name, overwrite=True)
+    _log_view_mixtures(lin, run_id, view)
+    lin.set_tags(run_id, {"lladav.mixture": view.uri, "lladav.mixture_digest": view.digest})
+    lin.log_text(run_id, "mixture/view.json", json.dumps(view.info, indent=2))
+    counts = view.info["counts"]
+    lin.log_metrics(run_id, {"samples": counts["samples"], "shards": counts["shards"],
+                             "tokens": counts["tokens"]}, step=0)
+    return {"mixture": view.uri, "digest": view.digest}
+
+
+def _log_view_mixtures(lin: Any, run_id: str, mixture: Any) -> None:
+    """A view's mixtures as dataset inputs of context "mixture" (tagged with the view's digest);
+    only the view itself is a "train" input, whose manifest `lineage trace` reads."""
+    from lladav.data.manifest import View
+
+    if not isinstance(mixture, View):
+        return
+    for m in mixture.info["mixtures"]:
+        lin.log_dataset(run_id, m["name"], m["uri"], m["digest"], context="mixture",
+                        tags={"lladav.view": mixture.digest})
+
+
 def _run_stage(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     from lladav.data.manifest import open_mixture
     from lladav.lineage import StepMetrics
@@ -462,6 +535,7 @@ def _run_stage(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
         lin.log_config(run_id, "stage", stage.model_dump(mode="json"))
         lin.log_dataset(run_id, mixture.info["name"], mixture.uri, mixture.digest, context="train",
                         tags={"lladav.step": step.mixture or ""})
+        _log_view_mixtures(lin, run_id, mixture)
     update = ctx.progress(p.name)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_steps, args=(lin, run_id, update, stop), daemon=True)
@@ -549,4 +623,4 @@ MAX_CLASS_METRICS = 50
 
 
 RUNNERS = {"synth": _run_synth, "tokenizer": _run_tokenizer, "base": _run_base,
-           "data": _run_data, "stage": _run_stage, "eval": _run_eval}
+           "data": _run_data, "view": _run_view, "stage": _run_stage, "eval": _run_eval}

@@ -1,22 +1,34 @@
 """The training loader: a committed mixture -> per-rank batches, resumable to the exact batch.
 
 Stages, each a function below:
-    order   epoch_order: the manifest's keys sorted by sha256(seed, "epoch", epoch, key), a pure
-            function of (keys, seed, epoch); world size and worker count never enter it
+    order   epoch_order: a pure function of (manifest keys and shards, seed, epoch, block size);
+            world size and worker count never enter it. `global`: the keys sorted by
+            sha256(seed, "epoch", epoch, key). `block` (the stages' default, config.Shuffle):
+            the shards sorted by sha256(seed, "shards", epoch, name) and cut into blocks of
+            block_shards, then the samples sorted by (block, the same per-key hash), so a stretch
+            of the order reads at most one block's shards (two across a boundary)
     batch   epoch_batches: the order cut into micro-batches of `batch_size` (optionally grouped
             by length, below), then one short tail batch if the count does not divide
     split   rank_batches: global batch g goes to rank g % world_size; worker_positions: a rank's
             DataLoader worker w decodes its remaining positions start+w, start+w+nw, ... (counted
             from the resume point, so torch's round-robin hands them over in order)
-    read    before an epoch's first batch, every shard it touches is verified once per loader
-            against its mixture.json sha256 (S3 shards are downloaded into the cache folder as
-            <sha256>.tar), and its tar members indexed once; samples are read by offset
+    read    data/shard_cache.py: a shard is read from the node's shared cache folder, downloaded
+            from S3 once per node (verified against its mixture.json sha256 as it is written) or,
+            for a local mixture, read in place and verified once per node; a prefetch thread
+            fetches the next shards in this rank's order ahead of use, and a byte cap evicts the
+            least recently used shards no loader holds; tar members are indexed per shard (a
+            small LRU) and samples read by offset while the shard is pinned
     decode  ids/targets .npy and images -> tiles (data/images.image_tiles) -> collate: each
             sample's EOS tail (config.EndOfAnswer, eos_tail_length), then batch padding
 
-Why a global sample order read by random access: every world size and worker count sees the same
-micro-batch sequence, and resume is (epoch, position) rather than offsets into shard streams.
-Why round-robin: a global step takes batches g..g+world_size-1 from one stretch of the order.
+Why an order read by random access: every world size and worker count sees the same micro-batch
+sequence, and resume is (epoch, position) rather than offsets into shard streams. Why blocks:
+a global order touches every shard in every stretch, so a node had to hold the whole mixture
+(and fetched it all before the first batch); the block order needs about 2 x block_shards +
+prefetch_shards shards on disk, whatever the size of the mixture, and the cache cap changes
+only what is on disk, never the batches. A mixture of at most block_shards shards gets exactly
+the global order. Why round-robin: a global step takes batches g..g+world_size-1 from one
+stretch of the order.
 
 drop_last (default True) keeps the first floor(n_full / world_size) * world_size full batches,
 so every rank gets the same count (ZeRO-3 ranks step together); which samples fall off changes
@@ -27,33 +39,30 @@ group_window samples (not scaled by world size, so the batch sequence stays inde
 each window is sorted by length bucket (manifest n_tokens within 5%, `length_bucket`; the
 epoch's random order within a bucket, so equal lengths do not make one-answer batches) and cut
 into batches, which are then put in seeded-hash order within the window so the long ones are
-not all last. No sample moves out of its window. Padding fraction over spliced lengths (text +
-image tokens): 4096 log-normal stage-2-like lengths, batch 8, window 32: 0.51 -> 0.05
-(tests/unit/test_loader_order.py); the synthetic mixture of tests/integration/test_loader.py
-(99 samples), batch 4, window 4: 0.13 -> 0.07.
+not all last. No sample moves out of its window (keep a window well under a block's samples).
+Padding fraction over spliced lengths (text + image tokens): 4096 log-normal stage-2-like
+lengths, batch 8, window 32: 0.51 -> 0.05 (tests/unit/test_loader_order.py); the synthetic
+mixture of tests/integration/test_loader.py (99 samples), batch 4, window 4: 0.13 -> 0.07.
 
 Resume: state_dict() = identity + {epoch, position}; position is this rank's next batch in the
 epoch (global index position * world_size + rank). It advances when a batch is handed to the
-consumer, never when a worker prefetches one; in lockstep every rank holds the same state.
+consumer, never when a worker prefetches one; in lockstep every rank holds the same state. The
+identity names the order ("global", or "block:N"; a state without it is from the global order).
 
-Owns: order, split, shard verification and caching, decoding, tiling and collation. Does not
-own: splicing image features or the spliced labels (model/lladav.py, train/step.py), or what a
-shard holds (data/build.py). Never substitutes a sample: a bad shard is an error naming it.
+Owns: order, split, the read path over the shard cache, decoding, tiling and collation. Does
+not own: the cache folder, its locks and cap (data/shard_cache.py), splicing image features or
+the spliced labels (model/lladav.py, train/step.py), or what a shard holds (data/build.py).
+Never substitutes a sample: a bad shard is an error naming it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
-import shutil
 import tarfile
-import tempfile
-import uuid
-import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,25 +70,43 @@ import pyarrow.parquet as pq
 import torch
 
 from lladav import storage
-from lladav.config import EndOfAnswer, VisionGeometry
+from lladav.config import EndOfAnswer, ShardCacheSettings, Shuffle, VisionGeometry
 from lladav.data import manifest as mf
 from lladav.data.conversation import ANSWER_TARGET, IMAGE_PLACEHOLDER_ID, NOT_TARGET
 from lladav.data.images import decode_rgb, image_tiles
-from lladav.digest import hash_key, hash_unit, sha256_bytes, sha256_file
+from lladav.data.shard_cache import Prefetcher, ShardCache, ShardError, ShardRef, ShardUse
+from lladav.digest import hash_key, hash_unit, sha256_bytes
 
 STATE_FORMAT = "lladav.loader/1"
-DOWNLOAD_THREADS = 8  # concurrent shard downloads/hashes; I/O bound, hashlib releases the GIL
-
-
-class ShardError(RuntimeError):
-    """A committed shard is missing, unreadable or not the bytes mixture.json names."""
+INDEX_SLOTS_MIN = 16  # tar indexes kept per process: the working set's shards, at least this many
 
 
 # ---- order and split: pure functions of the manifest ------------------------------------------
 
-def epoch_order(keys: Sequence[str], seed: int, epoch: int) -> list[int]:
-    """Indices into `keys` in this epoch's order: sorted by sha256(seed, "epoch", epoch, key)."""
-    return sorted(range(len(keys)), key=lambda i: hash_key(seed, "epoch", epoch, keys[i]))
+def shard_blocks(shards: Sequence[str], seed: int, epoch: int, block_shards: int
+                 ) -> dict[str, int]:
+    """Each shard's block in `epoch`: the distinct shard names sorted by sha256(seed, "shards",
+    epoch, name), cut into consecutive runs of `block_shards` (the last may be shorter)."""
+    ordered = sorted(set(shards), key=lambda s: hash_key(seed, "shards", epoch, s))
+    return {s: i // block_shards for i, s in enumerate(ordered)}
+
+
+def epoch_order(keys: Sequence[str], seed: int, epoch: int, shard_of: Sequence[str] | None = None,
+                block_shards: int = 0) -> list[int]:
+    """Indices into `keys` in this epoch's order.
+
+    block_shards == 0 (or no `shard_of`): the global order, keys sorted by sha256(seed, "epoch",
+    epoch, key). Otherwise the block order: sorted by (the block of the sample's shard,
+    shard_blocks; the same per-key hash), so each block's samples are contiguous and shuffled
+    among themselves. With one block (block_shards >= the shard count) both orders are equal.
+    """
+    def sample_key(i: int) -> str:
+        return hash_key(seed, "epoch", epoch, keys[i])
+
+    if block_shards > 0 and shard_of is not None:
+        block = shard_blocks(shard_of, seed, epoch, block_shards)
+        return sorted(range(len(keys)), key=lambda i: (block[shard_of[i]], sample_key(i)))
+    return sorted(range(len(keys)), key=sample_key)
 
 
 LENGTH_TOLERANCE = 0.05
@@ -99,9 +126,11 @@ def length_bucket(n_tokens: int, tolerance: float = LENGTH_TOLERANCE) -> int:
 
 
 def epoch_batches(keys: Sequence[str], n_tokens: Sequence[int], seed: int, epoch: int,
-                  batch_size: int, group_window: int = 0) -> list[list[int]]:
-    """The epoch's micro-batches (indices into `keys`); group_window > 0 groups by length."""
-    order = epoch_order(keys, seed, epoch)
+                  batch_size: int, group_window: int = 0, shard_of: Sequence[str] | None = None,
+                  block_shards: int = 0) -> list[list[int]]:
+    """The epoch's micro-batches (indices into `keys`); group_window > 0 groups by length
+    within windows of the order (epoch_order's, global or block)."""
+    order = epoch_order(keys, seed, epoch, shard_of, block_shards)
     n_full = len(order) // batch_size * batch_size
     body, tail = order[:n_full], order[n_full:]
     window = batch_size * group_window if group_window > 0 else n_full
@@ -157,49 +186,21 @@ def padding_fraction(batches: Sequence[Sequence[int]], n_tokens: Sequence[int]) 
     return pad / total if total else 0.0
 
 
-# ---- read: verified shards, random access by tar offsets --------------------------------------
+# ---- read: shards pinned in the node's cache, random access by tar offsets ---------------------
 
 @dataclass(frozen=True)
 class _Shard:
     uri: str
     sha256: str
-    path: str                                          # local, verified
+    path: str                                          # local, verified, pinned while read
     members: dict[str, dict[str, tuple[int, int]]]     # key -> {suffix: (offset, size)}
 
     def error(self, what: str) -> ShardError:
         return ShardError(f"shard {self.uri} (sha256 {self.sha256}): {what}")
 
 
-def _local_copy(uri: str, sha256: str, cache_dir: str) -> str:
-    """A verified local file with the shard's bytes: the shard itself, or a cached download."""
-    named = f"shard {uri} (sha256 {sha256})"
-    try:
-        if not storage.is_s3(uri):
-            path, actual = uri.removeprefix("file://"), sha256_file(uri.removeprefix("file://"))
-        else:
-            path = os.path.join(cache_dir, f"{sha256}.tar")   # content-addressed: shared safely
-            if os.path.exists(path) and sha256_file(path) == sha256:
-                return path
-            tmp, h = f"{path}.tmp-{uuid.uuid4().hex}", hashlib.sha256()
-            with storage.open_read(uri) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    h.update(chunk)
-                    dst.write(chunk)
-            actual = h.hexdigest()
-            if actual == sha256:
-                os.replace(tmp, path)
-            else:
-                os.remove(tmp)
-    except (OSError, storage.StorageError) as e:
-        raise ShardError(f"{named}: unreadable: {e}") from e
-    if actual != sha256:
-        raise ShardError(f"{named}: its bytes have sha256 {actual}; the mixture is damaged "
-                         "(restore the shard or rebuild the mixture; no sample is substituted)")
-    return path
-
-
-def _open_shard(uri: str, sha256: str, cache_dir: str) -> _Shard:
-    path = _local_copy(uri, sha256, cache_dir)
+def _index(ref: ShardRef, path: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """A shard's tar members: key -> {suffix: (data offset, size)}."""
     members: dict[str, dict[str, tuple[int, int]]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -208,8 +209,54 @@ def _open_shard(uri: str, sha256: str, cache_dir: str) -> _Shard:
                     key, _, suffix = m.name.partition(".")
                     members.setdefault(key, {})[suffix] = (m.offset_data, m.size)
     except (OSError, tarfile.TarError) as e:
-        raise ShardError(f"shard {uri} (sha256 {sha256}): not a readable tar: {e}") from e
-    return _Shard(uri, sha256, path, members)
+        raise ref.error(f"not a readable tar: {e}") from e
+    return members
+
+
+class _Reader:
+    """Samples' raw bytes by (shard name, key in it): the shard pinned in the cache only while
+    its members are read, its tar index kept in a small LRU (content-addressed, so an index
+    outlives an eviction and a new download of the same bytes)."""
+
+    def __init__(self, cache: ShardCache, refs: dict[str, ShardRef], index_slots: int):
+        self.cache, self.refs, self.index_slots = cache, refs, index_slots
+        self._indexes: OrderedDict[str, dict[str, dict[str, tuple[int, int]]]] = OrderedDict()
+
+    def read(self, name: str, key: str) -> tuple[_Shard, tuple[bytes, bytes, list[bytes]]]:
+        ref = self.refs[name]
+        with self.cache.pin(ref) as path:
+            members = self._indexes.get(ref.sha256)
+            if members is None:
+                members = _index(ref, path)
+                self._indexes[ref.sha256] = members
+                if len(self._indexes) > self.index_slots:
+                    self._indexes.popitem(last=False)
+            else:
+                self._indexes.move_to_end(ref.sha256)
+            shard = _Shard(ref.uri, ref.sha256, path, members)
+            return shard, _read_sample(shard, key)
+
+
+def _read_sample(shard: _Shard, key: str) -> tuple[bytes, bytes, list[bytes]]:
+    """One sample's ids.npy and targets.npy bytes and its images' bytes, by tar member offsets."""
+    members = shard.members.get(key)
+    if members is None:
+        raise shard.error(f"sample {key} is not in the shard")
+    try:
+        fd = os.open(shard.path, os.O_RDONLY)  # one per sample: thousands of shards, few fds
+
+        def read(suffix: str) -> bytes:
+            offset, size = members[suffix]
+            return os.pread(fd, size, offset)
+
+        try:
+            names = sorted((s for s in members if s.startswith("img")),
+                           key=lambda s: int(s[3:].partition(".")[0]))
+            return read("ids.npy"), read("targets.npy"), [read(s) for s in names]
+        finally:
+            os.close(fd)
+    except (OSError, KeyError, ValueError) as e:
+        raise shard.error(f"sample {key} is unreadable: {type(e).__name__}: {e}") from e
 
 
 # ---- decode, tile, batch ----------------------------------------------------------------------
@@ -248,32 +295,19 @@ class _Planned:
     index: int
     position: int
     samples: tuple[tuple[str, str, int, int], ...]   # (key, shard name, n_tokens, n_images)
+    members: tuple[str, ...] | None = None           # keys inside the shards, when not `key` (a view)
 
 
 _Decoded = tuple[np.ndarray, np.ndarray, list[torch.Tensor], list[tuple[int, int]]]
 
 
-def _decode(shard: _Shard, key: str, n_images: int, geometry: VisionGeometry,
-            aspect: str) -> _Decoded:
-    """One sample's ids, targets, image tiles and image sizes, read by tar member offsets."""
-    members = shard.members.get(key)
-    if members is None:
-        raise shard.error(f"sample {key} is not in the shard")
+def _decode(shard: _Shard, key: str, raw: tuple[bytes, bytes, list[bytes]], n_images: int,
+            geometry: VisionGeometry, aspect: str) -> _Decoded:
+    """One sample's ids, targets, image tiles and image sizes from its raw member bytes."""
+    ids_bytes, targets_bytes, blobs = raw
     try:
-        fd = os.open(shard.path, os.O_RDONLY)  # one per sample: thousands of shards, few fds
-
-        def read(suffix: str) -> bytes:
-            offset, size = members[suffix]
-            return os.pread(fd, size, offset)
-
-        try:
-            ids = np.load(io.BytesIO(read("ids.npy")), allow_pickle=False)
-            targets = np.load(io.BytesIO(read("targets.npy")), allow_pickle=False)
-            names = sorted((s for s in members if s.startswith("img")),
-                           key=lambda s: int(s[3:].partition(".")[0]))
-            blobs = [read(s) for s in names]
-        finally:
-            os.close(fd)
+        ids = np.load(io.BytesIO(ids_bytes), allow_pickle=False)
+        targets = np.load(io.BytesIO(targets_bytes), allow_pickle=False)
         pictures = [decode_rgb(b) for b in blobs]
         tiles = [torch.from_numpy(image_tiles(p, geometry, aspect, len(pictures)))
                  for p in pictures]
@@ -312,10 +346,10 @@ def _collate(samples: list[_Decoded], eos_id: int, planned: _Planned, policy: En
 class _EpochStream(torch.utils.data.IterableDataset):
     """A rank's remaining batches of one epoch; in a DataLoader each worker takes its share."""
 
-    def __init__(self, plan: list[_Planned], start: int, shards: dict[str, _Shard], eos_id: int,
+    def __init__(self, plan: list[_Planned], start: int, reader: _Reader, eos_id: int,
                  geometry: VisionGeometry, aspect: str, num_workers: int, policy: EndOfAnswer,
                  seed: int):
-        self.plan, self.start, self.shards, self.eos_id = plan, start, shards, eos_id
+        self.plan, self.start, self.reader, self.eos_id = plan, start, reader, eos_id
         self.geometry, self.aspect, self.num_workers = geometry, aspect, num_workers
         self.policy, self.seed = policy, seed
 
@@ -324,9 +358,14 @@ class _EpochStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         for pos in worker_positions(len(self.plan), self.start, worker, self.num_workers):
             planned = self.plan[pos]
-            samples = [_decode(self.shards[shard], key, n_images, self.geometry, self.aspect)
-                       for key, shard, _, n_images in planned.samples]
+            members = planned.members or [key for key, _, _, _ in planned.samples]
+            samples = [self._sample(shard, member, n_images)
+                       for (_, shard, _, n_images), member in zip(planned.samples, members)]
             yield _collate(samples, self.eos_id, planned, self.policy, self.seed)
+
+    def _sample(self, shard_name: str, key: str, n_images: int) -> _Decoded:
+        shard, raw = self.reader.read(shard_name, key)   # pinned only while its bytes are read
+        return _decode(shard, key, raw, n_images, self.geometry, self.aspect)
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -342,13 +381,18 @@ class MixtureLoader:
     epoch, so `for epoch in range(n): for batch in loader: ...` trains n epochs; `loader.epoch`
     says where it stands. Stop anywhere, save `state_dict()`, and a new loader given
     `load_state_dict(state)` continues with exactly the batch that would have come next.
+
+    `shuffle` picks the order (config.Shuffle; default the block order), `shard_cache` the
+    node's cache folder, its byte cap and the prefetch window (config.ShardCacheSettings);
+    `cache` is this loader's view of that folder (its `stats` count this process's downloads).
     """
 
     def __init__(self, mixture_uri: str, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int = 0, geometry: VisionGeometry | None = None,
                  aspect: str | None = None, group_by_length: bool = False, group_window: int = 32,
-                 drop_last: bool = True, cache_dir: str | None = None, prefetch_factor: int = 2,
-                 end_of_answer: EndOfAnswer | None = None):
+                 drop_last: bool = True, prefetch_factor: int = 2,
+                 end_of_answer: EndOfAnswer | None = None, shuffle: Shuffle | None = None,
+                 shard_cache: ShardCacheSettings | None = None):
         if not (0 <= rank < world_size) or min(batch_size, group_window) < 1 or num_workers < 0:
             raise ValueError(f"need 0 <= rank={rank} < world_size={world_size}, batch_size="
                              f"{batch_size} >= 1, group_window={group_window} >= 1, num_workers="
@@ -369,20 +413,29 @@ class MixtureLoader:
             raise ShardError(f"{mixture_uri}/{mf.MANIFEST}: sha256 differs from mixture.json's "
                              f"{info['manifest']['sha256']}; the mixture is damaged")
         manifest = pq.read_table(io.BytesIO(raw),
-                                 columns=["key", "shard", "n_tokens", "image_widths"])
+                                 columns=["key", "shard", "n_tokens", "image_widths",
+                                          *(["member"] if isinstance(self.mixture, mf.View) else [])])
         self.keys: list[str] = manifest["key"].to_pylist()
         self.shard_of: list[str] = manifest["shard"].to_pylist()
         self.n_tokens: list[int] = manifest["n_tokens"].to_pylist()
         self.n_images = [len(w) for w in manifest["image_widths"].to_pylist()]
+        # A view's rows read other mixtures' shards (full URIs) under their own keys there.
+        self.member_of: list[str] | None = (manifest["member"].to_pylist()
+                                            if "member" in manifest.column_names else None)
         self.eos_id = int(info["tokenizer"]["special_ids"]["eos"])
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.prefetch_factor = num_workers, seed, prefetch_factor
         self.group_window = group_window if group_by_length else 0
         self.drop_last = drop_last
         self.end_of_answer = end_of_answer or EndOfAnswer()
-        self._shard_info = {s["name"]: s["sha256"] for s in info["shards"]}
-        self._shards: dict[str, _Shard] = {}
-        self._cache_dir = cache_dir
+        self._refs = {s["name"]: ShardRef(self.mixture.shard_uri(s["name"]), s["sha256"],
+                                          int(s["bytes"])) for s in info["shards"]}
+        self.shuffle = shuffle or Shuffle()
+        n_shards = len(set(self.shard_of))
+        # One block holding every shard is the global order: say so in the resume identity.
+        self.block_shards = (self.shuffle.block_shards if self.shuffle.kind == "block"
+                             and self.shuffle.block_shards < n_shards else 0)
+        self.cache, self.prefetch_shards = self._shard_cache(shard_cache or ShardCacheSettings())
         self._epoch, self._position = 0, 0
         self._plans: dict[int, tuple[list[list[int]], list[_Planned]]] = {}
         if len(self) == 0:
@@ -394,12 +447,14 @@ class MixtureLoader:
     def _plan(self, epoch: int) -> tuple[list[list[int]], list[_Planned]]:
         if epoch not in self._plans:
             batches = epoch_batches(self.keys, self.n_tokens, self.seed, epoch, self.batch_size,
-                                    self.group_window)
+                                    self.group_window, self.shard_of, self.block_shards)
             mine = rank_batches(batches, self.batch_size, self.rank, self.world_size,
                                 self.drop_last)
+            member_of = self.member_of
             plan = [_Planned(epoch, g, pos, tuple((self.keys[i], self.shard_of[i],
                                                    self.n_tokens[i], self.n_images[i])
-                                                  for i in batches[g]))
+                                                  for i in batches[g]),
+                             tuple(member_of[i] for i in batches[g]) if member_of else None)
                     for pos, g in enumerate(mine)]
             self._plans = {epoch: (batches, plan)}  # keep one epoch's plan in memory
         return self._plans[epoch]
@@ -414,23 +469,28 @@ class MixtureLoader:
                                 self.n_tokens)
 
     # -- read --------------------------------------------------------------------------------
-    def _prepare(self, names: set[str]) -> None:
-        """Verify (and download from S3) every shard in `names` not yet verified by this loader."""
-        todo = sorted(names - set(self._shards))
-        if not todo:
-            return
-        if self._cache_dir is None:
-            self._cache_dir = tempfile.mkdtemp(prefix="lladav-shards-")
-            weakref.finalize(self, _remove_tree, self._cache_dir, os.getpid())
-        os.makedirs(self._cache_dir, exist_ok=True)
+    def _shard_cache(self, settings: ShardCacheSettings) -> tuple[ShardCache, int]:
+        """The node's cache under its cap: as set, or the block order's working set (shards
+        open at once, up to two blocks, plus the prefetch window) times the largest shard."""
+        largest = max(r.size for r in self._refs.values())
+        limit = settings.limit_bytes
+        if limit is None and self.shuffle.kind == "block":
+            limit = (2 * self.shuffle.block_shards + settings.prefetch_shards) * largest
+        if limit is not None and limit < 2 * largest:
+            raise ValueError(f"shard_cache.limit_bytes {limit} is under two of the largest shard "
+                             f"of {self.mixture.uri} ({largest} bytes): no room to read one "
+                             "shard while the next arrives; raise it")
+        return ShardCache(settings.folder, limit), settings.prefetch_shards
 
-        def one(name: str) -> _Shard:
-            return _open_shard(storage.join(self.mixture.uri, name), self._shard_info[name],
-                               self._cache_dir)
-
-        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(todo))) as pool:
-            for name, shard in zip(todo, pool.map(one, todo)):
-                self._shards[name] = shard
+    def _uses(self, plan: list[_Planned], start: int) -> list[ShardUse]:
+        """Each shard's first and last position in the rest of this rank's epoch."""
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for planned in plan[start:]:
+            for _, shard, _, _ in planned.samples:
+                first.setdefault(shard, planned.position)
+                last[shard] = planned.position
+        return [ShardUse(first[s], last[s], self._refs[s]) for s in first]
 
     # -- iterate and resume -------------------------------------------------------------------
     @property
@@ -440,36 +500,49 @@ class MixtureLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._position
         plan = self._plan(epoch)[1]
-        self._prepare({shard for p in plan[start:] for _, shard, _, _ in p.samples})
-        stream = _EpochStream(plan, start, self._shards, self.eos_id, self.geometry, self.aspect,
+        uses = self._uses(plan, start)
+        reader = _Reader(self.cache, self._refs,
+                         max(INDEX_SLOTS_MIN, 2 * (self.block_shards or len(uses))
+                             + self.prefetch_shards))
+        stream = _EpochStream(plan, start, reader, self.eos_id, self.geometry, self.aspect,
                               self.num_workers, self.end_of_answer, self.seed)
         source: Iterator[Batch] = iter(stream)
-        if self.num_workers > 0:
+        if self.num_workers > 0:  # forks the workers now, before the prefetch threads start
             source = iter(torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                 prefetch_factor=self.prefetch_factor))
+        prefetcher = None
+        if self.prefetch_shards > 0:
+            prefetcher = Prefetcher(self.cache, uses, start, self.prefetch_shards,
+                                    protect=self.block_shards > 0).start()
         try:
             for batch in source:
                 if (batch.epoch, batch.position) != (self._epoch, self._position):
                     raise RuntimeError(f"loader out of order: got batch {batch.position} of epoch "
                                        f"{batch.epoch}, expected {self._position} of {self._epoch}")
                 self._position += 1                 # counted when handed over, not prefetched
+                if prefetcher is not None:
+                    prefetcher.advance(self._position)
                 if self._position == len(plan):
                     self._epoch, self._position = epoch + 1, 0
                 yield batch
         finally:
+            if prefetcher is not None:
+                prefetcher.close()
             del source  # shuts DataLoader workers down when the consumer stops early
 
     def _identity(self) -> dict:
         return {"format": STATE_FORMAT, "mixture": self.mixture.digest, "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "group_window": self.group_window, "drop_last": self.drop_last}
+                "group_window": self.group_window, "drop_last": self.drop_last,
+                "order": f"block:{self.block_shards}" if self.block_shards else "global"}
 
     def state_dict(self) -> dict:
         """JSON-able: where the next batch comes from, plus what must match to resume."""
         return {**self._identity(), "epoch": self._epoch, "position": self._position}
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"order": "global", **state}  # states saved before block orders existed
         wrong = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if wrong:
             raise ValueError("loader state does not match this loader (saved, current): "
@@ -479,7 +552,3 @@ class MixtureLoader:
                              f"0..{len(self) - 1}")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
-
-def _remove_tree(path: str, owner_pid: int) -> None:
-    if os.getpid() == owner_pid:  # never from a forked DataLoader worker
-        shutil.rmtree(path, ignore_errors=True)

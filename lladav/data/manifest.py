@@ -2,9 +2,11 @@
 
 Owns: the pyarrow schemas of the two tables, their deterministic serialisation (the same rows
 give the same bytes), the layout of a mixture folder, and reading a committed mixture back
-(`open_mixture` refuses anything without its mixture.json, which is written last).
-Does not own: how rows are produced (data/build.py) or how shards are read for training
-(data/loader.py).
+(`open_mixture` refuses anything without its mixture.json, which is written last). Also the
+layout of a view folder (view.json + a manifest.parquet whose rows point into other mixtures'
+shards) and reading it back: `open_mixture` returns a `View` there, which reads like a Mixture.
+Does not own: how rows are produced (data/build.py, data/views.py) or how shards are read for
+training (data/loader.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lladav.digest import sha256_bytes
 
 MIXTURE_FORMAT = "lladav.mixture/1"
 MIXTURE_JSON = "mixture.json"
+VIEW_FORMAT = "lladav.view/1"
+VIEW_JSON = "view.json"
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 SHARD_DIR = "shards"
@@ -51,6 +55,16 @@ MANIFEST_SCHEMA = pa.schema([
     # widths/heights above are after it is applied, as every reader decodes (images.to_rgb)
 ])
 
+# A view's manifest: a mixture's columns, but `key` is the view's own sample key
+# (m<mixture index>-<member>-<view_copy>, unique in the view) and `shard` the full URI of the
+# mixture's shard holding the sample; then where the row comes from.
+VIEW_MANIFEST_SCHEMA = pa.schema([
+    *MANIFEST_SCHEMA,
+    ("mixture", pa.string()),          # URI of the mixture the row comes from
+    ("member", pa.string()),           # the sample's key inside its shard (the mixture's `key`)
+    ("view_copy", pa.int32()),         # 0, or the view's repeat index when its weight > 1
+])
+
 REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("source_id", pa.string()),        # null when the record could not be parsed
@@ -64,7 +78,11 @@ REJECTS_SCHEMA = pa.schema([
 def table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
     """Rows -> parquet bytes. Fixed writer options and no pandas metadata, so the same rows
     always serialise to the same bytes."""
-    table = pa.Table.from_pylist(rows, schema=schema)
+    return table_to_bytes(pa.Table.from_pylist(rows, schema=schema))
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    """A table -> parquet bytes, with the fixed options of `table_bytes`."""
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", row_group_size=100_000,
                    write_statistics=False, store_schema=False)
@@ -96,8 +114,12 @@ class Mixture:
         recipe = Recipe.model_validate(self.info["recipe"])
         return recipe.vision.model_copy(update={"image_aspect": recipe.image_aspect})
 
+    def shard_uri(self, name: str) -> str:
+        """The URI of shard `name` (a manifest `shard` value, a mixture.json shard name)."""
+        return storage.join(self.uri, name)
+
     def shard_uris(self) -> list[str]:
-        return [storage.join(self.uri, s["name"]) for s in self.info["shards"]]
+        return [self.shard_uri(s["name"]) for s in self.info["shards"]]
 
     def manifest(self) -> pa.Table:
         return read_table(storage.join(self.uri, MANIFEST))
@@ -106,13 +128,46 @@ class Mixture:
         return read_table(storage.join(self.uri, REJECTS))
 
 
+@dataclass(frozen=True)
+class View(Mixture):
+    """A committed view (data/views.py): weights and a seed over committed mixtures, named by
+    the digest of its view.json. Reads like a Mixture: its manifest.parquet holds one row per
+    sample it selects (VIEW_MANIFEST_SCHEMA), whose `shard` is the full URI of a mixture's shard
+    and `member` the sample's key in it; view.json lists those shards with their sha256s and
+    carries its mixtures' tokenizer and geometry, so the loader, stages and lineage read a view
+    as they read a mixture. A view writes no shard and has no rejects of its own."""
+
+    @property
+    def geometry(self) -> VisionGeometry:
+        return VisionGeometry.model_validate(self.info["geometry"])
+
+    def shard_uri(self, name: str) -> str:
+        return name  # a view's shard names are its mixtures' shard URIs
+
+    def rejects(self) -> pa.Table:
+        return REJECTS_SCHEMA.empty_table()  # its mixtures' rejects stay theirs
+
+
 def open_mixture(uri: str) -> Mixture:
+    """The committed mixture at `uri`, or the committed view there (a View, which reads like
+    one); MixtureNotCommitted when neither index file exists."""
     try:
         raw = storage.read_bytes(storage.join(uri, MIXTURE_JSON))
     except FileNotFoundError:
-        raise MixtureNotCommitted(f"{uri}: no {MIXTURE_JSON}; the mixture was never committed "
-                                  "(the build is missing or did not finish)") from None
+        return _open_view(uri)
     info = json.loads(raw)
     if info.get("format") != MIXTURE_FORMAT:
         raise ValueError(f"{uri}/{MIXTURE_JSON}: format {info.get('format')!r}, expected {MIXTURE_FORMAT}")
     return Mixture(uri, info, sha256_bytes(raw))
+
+
+def _open_view(uri: str) -> View:
+    try:
+        raw = storage.read_bytes(storage.join(uri, VIEW_JSON))
+    except FileNotFoundError:
+        raise MixtureNotCommitted(f"{uri}: no {MIXTURE_JSON} (nor {VIEW_JSON}); the mixture was "
+                                  "never committed (the build is missing or did not finish)") from None
+    info = json.loads(raw)
+    if info.get("format") != VIEW_FORMAT:
+        raise ValueError(f"{uri}/{VIEW_JSON}: format {info.get('format')!r}, expected {VIEW_FORMAT}")
+    return View(uri, info, sha256_bytes(raw))

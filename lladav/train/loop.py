@@ -98,7 +98,8 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=ctx.rank,
                            world_size=ctx.world_size, num_workers=stage.loader_workers,
                            seed=stage.seed, group_by_length=stage.group_by_length,
-                           end_of_answer=stage.end_of_answer)
+                           end_of_answer=stage.end_of_answer, shuffle=stage.shuffle,
+                           shard_cache=stage.shard_cache)
     steps_per_epoch = max(1, len(loader) // stage.grad_accum)
     total = stage.max_steps or stage.epochs * steps_per_epoch
     engine = eng.initialize(model, groups, ds_config, total_steps=total,

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from lladav.config import EndOfAnswer, VisionGeometry, load_recipe
+from lladav.config import EndOfAnswer, ShardCacheSettings, Shuffle, VisionGeometry, load_recipe
 from lladav.data.build import build
 from lladav.data.images import grid_pinpoints, image_tiles, select_best_resolution
 from lladav.data.loader import MixtureLoader, ShardError
@@ -146,12 +146,13 @@ def _keys(loader: MixtureLoader, until_epoch: int, limit: int | None = None) -> 
     return out
 
 
-@pytest.mark.parametrize("world_size,num_workers,group", [(1, 0, False), (2, 0, True),
-                                                          (2, 2, False), (3, 1, True)])
+@pytest.mark.parametrize("world_size,num_workers,group,block",
+                         [(1, 0, False, 16), (2, 0, True, 16), (2, 2, False, 2), (3, 1, True, 2)])
 def test_stop_save_and_resume_gives_exactly_the_rest_of_the_stream(mixture_uri, world_size,
-                                                                   num_workers, group):
+                                                                   num_workers, group, block):
+    """block 16 holds the mixture's 7 shards (the global order); block 2 has four blocks."""
     kwargs = {"world_size": world_size, "num_workers": num_workers, "group_by_length": group,
-              "group_window": 2}
+              "group_window": 2, "shuffle": Shuffle(block_shards=block)}
     epoch_keys: list[list[str]] = [[], []]
     for rank in range(world_size):
         full = _loader(mixture_uri, rank=rank, **kwargs)
@@ -182,6 +183,12 @@ def test_state_of_another_split_or_mixture_setup_is_refused(mixture_uri):
         _loader(mixture_uri, world_size=2, seed=12).load_state_dict(state)
     with pytest.raises(ValueError, match="built for"):
         _loader(mixture_uri, geometry=VisionGeometry(tile_size=64, patch_size=8, max_grid=2))
+    # A state saved before block orders existed is the global order's: a block order of one
+    # block (16 >= the mixture's 7 shards) is that order and resumes it, four blocks do not.
+    old = {k: v for k, v in _loader(mixture_uri).state_dict().items() if k != "order"}
+    _loader(mixture_uri).load_state_dict(old)
+    with pytest.raises(ValueError, match="order: 'global' vs 'block:2'"):
+        _loader(mixture_uri, shuffle=Shuffle(block_shards=2)).load_state_dict(old)
 
 
 def test_a_corrupted_or_missing_shard_is_an_error_naming_it_and_its_digest(mixture_uri, tmp_path):
@@ -193,12 +200,12 @@ def test_a_corrupted_or_missing_shard_is_an_error_naming_it_and_its_digest(mixtu
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError) as err:
-        next(iter(_loader(str(copy))))
+    with pytest.raises(ShardError) as err:  # when the epoch first reads it (or its prefetch)
+        list(_loader(str(copy)))
     assert str(path) in str(err.value) and victim["sha256"] in str(err.value)
     path.unlink()
     with pytest.raises(ShardError) as err:
-        next(iter(_loader(str(copy))))
+        list(_loader(str(copy)))
     assert str(path) in str(err.value) and victim["sha256"] in str(err.value)
 
 
@@ -206,19 +213,23 @@ def test_an_s3_mixture_reads_like_the_local_one_through_a_verified_cache(
         mixture_uri, recipe_path, s3_bucket, tmp_path):
     remote = build(load_recipe(recipe_path), f"{s3_bucket}/mixtures/loader", num_workers=2)
     cache = tmp_path / "cache"
+    settings = ShardCacheSettings(folder=str(cache))
     for rank in range(2):
         local = _loader(mixture_uri, rank=rank, world_size=2)
-        s3 = _loader(remote.uri, rank=rank, world_size=2, num_workers=1, cache_dir=str(cache))
+        s3 = _loader(remote.uri, rank=rank, world_size=2, num_workers=1, shard_cache=settings)
         a, b = list(local), list(s3)
         assert [x.keys for x in a] == [x.keys for x in b] and len(a) == len(local) > 0
         assert all(torch.equal(x.ids, y.ids) for x, y in zip(a, b))
     digests = sorted(s["sha256"] for s in remote.info["shards"])
-    assert sorted(p.name for p in cache.iterdir()) == [f"{d}.tar" for d in digests]
-    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    next(iter(_loader(remote.uri, cache_dir=str(cache))))  # verified from the cache, not fetched
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
-    # A damaged cache file is not trusted: it is fetched again and verified.
+    assert sorted(p.name for p in cache.glob("*.tar*")) == [f"{d}.tar" for d in digests]
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")}
+    again = _loader(remote.uri, shard_cache=settings)
+    next(iter(again))  # read from the cache, not fetched
+    assert again.cache.stats.bytes_downloaded == 0
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")} == stamps
+    # A damaged cache file (not its size) is not trusted: it is fetched again and verified.
     victim = cache / f"{digests[0]}.tar"
     victim.write_bytes(b"garbage")
-    next(iter(_loader(remote.uri, cache_dir=str(cache))))
-    assert os.path.getsize(victim) > 7
+    list(_loader(remote.uri, shard_cache=settings))
+    assert os.path.getsize(victim) == next(s["bytes"] for s in remote.info["shards"]
+                                           if s["sha256"] == digests[0])
