@@ -187,7 +187,7 @@ def test_server_dying_mid_stage_leaks_nothing(canary, dirs, synth_dir):
     server, host = start_mlflow(server_root, env)
     try:
         path = write_pipeline(dirs["output"] / "p", synth_dir, storage=str(dirs["output"] / "store"),
-                              tracking_uri=f"http://lladav:{canary}@{host}", steps=40, every=40,
+                              tracking_uri=f"http://lladav:{canary}@{host}", steps=200, every=200,
                               name="secrets")
         data = yaml.safe_load(path.read_text())
         data["steps"] = data["steps"][:1] + data["steps"][3:4]  # mix-stage1 -> stage1
