@@ -85,6 +85,14 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     return log.read_text()
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill a still-running (possibly SIGSTOPped) first writer after a failed assertion."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
 def _flat(text: str) -> str:
     return " ".join(text.split())  # rich wraps long messages at the console width
 
@@ -114,10 +122,7 @@ def test_two_builds_of_different_recipes_to_one_out(where, tmp_path, synth_dir, 
         assert "Traceback" not in text, text
         first_log = _finish(proc, log, timeout=600)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, first_log[-3000:]
 
     mixture = verify(out)  # mixture.json, manifest and shards all from the first recipe
@@ -159,10 +164,7 @@ def test_two_runs_of_one_pipeline(tmp_path, synth_dir, ray_cluster, s3_bucket, m
         assert "skip mix-stage1" in text, text  # the finished build was not redone
         first_log = _finish(proc, log, timeout=900)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     assert proc.returncode == 0, first_log[-3000:]
 
     client = MlflowClient(mlflow_server.url)
