@@ -27,9 +27,10 @@ demo: setup
 	$(BIN)/lladav demo
 
 # Three workers on two cores: most of a test's time is Ray, servers and subprocesses starting
-# or waiting, not CPU; each worker has its own Ray cluster, moto and MLflow servers.
+# or waiting, not CPU; each worker has its own Ray cluster, moto and MLflow servers. loadgroup
+# keeps a module marked xdist_group on one worker (its module fixture then runs once).
 test: setup
-	$(BIN)/python -m pytest -q -n 3 --dist worksteal --durations=15
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=15
 
 test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow"

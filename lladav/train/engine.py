@@ -145,6 +145,15 @@ def init_distributed() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op on every new
+        # install path (~25 s quiet, ~100 s under load: a fresh clone's first stage), and uses it
+        # only in inference_all_reduce, which training never calls; gloo does the rest. Marking
+        # the op incompatible in DeepSpeed's probe cache (a module dict it documents as
+        # editable) makes TorchBackend skip the build.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

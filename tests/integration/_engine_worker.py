@@ -86,6 +86,9 @@ def main() -> None:
         overrides={"zero_optimization.stage3_param_persistence_threshold": 0})
     ids = batch(100 + rank)  # each rank its own data
     result: dict = {"rank": rank, "world": world}
+    from deepspeed.comm import comm as ds_comm
+
+    result["shm_comm_built"] = ds_comm.cdb.shm_comm_op is not None
 
     engine = new_engine(ds_config)
     result["partition"] = {n: [int(p.ds_numel), int(p.ds_tensor.numel()), int(p.numel())]

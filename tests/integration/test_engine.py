@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the whole module (make test: --dist loadgroup), so the two-rank training
+# behind the `run` fixture happens once, not once per worker that draws one of its tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engine")]
 
 WORKER = Path(__file__).with_name("_engine_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run_worker(out: Path, ranks: int) -> list[dict]:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    # The venv's bin first on PATH: torch JIT-builds DeepSpeed's shm_comm with whichever ninja it
-    # finds, and the system's and the venv's hash builds differently (a rebuild each switch).
+    # The venv's bin first on PATH: torch JIT-builds DeepSpeed ops (CPU Adam under offload) with
+    # whichever ninja it finds, and the system's and the venv's hash builds differently.
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -57,6 +59,11 @@ def test_every_parameter_is_split_across_the_two_ranks(run):
     embed = ranks[0]["partition"]["language_model.model.embed_tokens.weight"]
     assert embed[:2] == [64 * 64, 64 * 64 // 2]
     assert ranks[1]["gathered_elsewhere"] == 0  # gather_full_state_dict: rank 0 only
+
+
+def test_no_rank_builds_deepspeeds_shm_all_reduce(run):
+    # init_distributed skips that JIT build on the CPU (training never calls the op)
+    assert [r["shm_comm_built"] for r in run[1]] == [False, False]
 
 
 def test_loss_falls_and_each_group_follows_its_schedule(run):
