@@ -25,6 +25,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller, in the tests' local clusters: no preemption watcher (an actor per stage
+# run that watches cloud notices a laptop never gets) and a 0.5 s poll instead of 2 s (each
+# checkpoint's report waits for one poll; these tests checkpoint every few steps).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 # ---- S3: moto's standalone server -------------------------------------------------------------

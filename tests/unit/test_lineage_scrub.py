@@ -169,6 +169,6 @@ def test_the_workers_step_hook_logs_a_dead_server_scrubbed(installed, caplog, mo
         port = s.getsockname()[1]
     hook = StepMetrics(f"http://lladav:CANARY-pw-0123456789@127.0.0.1:{port}", "0" * 32)
     with caplog.at_level(logging.WARNING, logger="lladav.lineage"):
-        hook(3, 0, {"loss": 1.5})
+        hook(3, 0, {"loss": 1.5, "total_steps": 3})  # the last step: returns once sent
     assert "could not log step 3" in caplog.text and f"http://***@127.0.0.1:{port}" in caplog.text
     assert "CANARY" not in caplog.text
