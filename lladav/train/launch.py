@@ -57,13 +57,6 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     stage = StageConfig.model_validate(config["stage"])
     context = ray.train.get_context()
-    if stage.scaling.cpus_per_worker >= 1:
-        # The worker's CPUs are its intra-op threads; it would otherwise keep the OMP_NUM_THREADS
-        # it inherited (1 under make, so that tests and builds do not oversubscribe). A demo
-        # step on 2 CPUs: 0.152 s with 2 threads, 0.175 s with 1.
-        import torch
-
-        torch.set_num_threads(int(stage.scaling.cpus_per_worker))
 
     def report(metrics: dict[str, Any], folder: str | None) -> None:
         checkpoint = Checkpoint.from_directory(folder) if folder else None

@@ -44,7 +44,8 @@ class WorkerContext:
     """A local folder holding the checkpoint to resume from (all ranks' shards), or None."""
     on_step: Callable[[int, int, dict], None] | None = None
     """Hook called as on_step(step, rank, metrics) after each optimizer step (tests use it to
-    record losses and to kill a worker)."""
+    record losses and to kill a worker); metrics["checkpoint"] is True when this step's
+    checkpoint is about to be written."""
     tmp_root: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -128,11 +129,12 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
             if micro % stage.grad_accum:
                 continue
             step += 1
+            checkpoint = step % stage.checkpoint.every_steps == 0 or step == total
             report = {"step": step, "total_steps": total, "epoch": loader.epoch, "lr": engine.get_lr()[0],
                       "local_param_fraction": local_fraction, **window.flush(ctx.world_size)}
-            if ctx.on_step is not None:
-                ctx.on_step(step, ctx.rank, report)
-            if step % stage.checkpoint.every_steps == 0 or step == total:
+            if ctx.on_step is not None:  # told whether a checkpoint follows (not a metric)
+                ctx.on_step(step, ctx.rank, {**report, "checkpoint": checkpoint})
+            if checkpoint:
                 with tempfile.TemporaryDirectory(dir=ctx.tmp_root) as folder:
                     eng.save_checkpoint(engine, folder, {
                         "step": step, "loader": loader.state_dict(), "rng": masking.get_state(),
