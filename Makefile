@@ -28,7 +28,8 @@ demo: setup
 
 # Three workers on two cores: most of a test's time is Ray, servers and subprocesses starting
 # or waiting, not CPU; each worker has its own Ray cluster, moto and MLflow servers. loadgroup
-# keeps a module marked xdist_group on one worker (its module fixture then runs once).
+# (with no group marks under pytest 9: one test per work unit) hands out the first units one
+# per worker, in collection order (tests/conftest.py puts the longest first).
 test: setup
 	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=15
 

@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# One xdist worker runs the whole module (make test: --dist loadgroup), so the two-rank training
-# behind the `run` fixture happens once, not once per worker that draws one of its tests.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engine")]
+pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("_engine_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -43,10 +41,22 @@ def _run_worker(out: Path, ranks: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("engine")
-    return out, _run_worker(out, ranks=2)
+@pytest.fixture(scope="session")
+def run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[Path, list[dict]]:
+    """The two-rank run, once per `make test` however many xdist workers draw this module's
+    tests (pytest-xdist's recipe: the first worker runs it under a file lock in the folder all
+    workers share, the others read its outputs, which the tests only read)."""
+    from filelock import FileLock
+
+    if worker_id == "master":  # no xdist
+        out = tmp_path_factory.mktemp("engine")
+        return out, _run_worker(out, ranks=2)
+    out = tmp_path_factory.getbasetemp().parent / "engine-shared"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "rank1.json").exists():
+            out.mkdir(exist_ok=True)
+            _run_worker(out, ranks=2)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def test_every_parameter_is_split_across_the_two_ranks(run):
