@@ -190,8 +190,11 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """`mlflow server` with a SQLite backend and proxied artifacts in s3://mlflow-artifacts.
-    The job runner is off (FEASIBILITY §5: 2 processes instead of 10), and the
-    client gives up at once on a dead server instead of retrying for minutes at exit."""
+    The job runner is off (FEASIBILITY §5: 2 processes instead of 10). The client retries
+    twice without waiting instead of MLflow's 7 times with backoff, so a dead server fails a
+    test in seconds; the retries stay because a pooled keep-alive connection that the server
+    closed while a test held the client process stopped (SIGSTOP) fails its next request once
+    (seen in CI: RemoteDisconnected on runs/create with retries at 0)."""
     import boto3
 
     boto3.session.Session().client("s3").create_bucket(Bucket="mlflow-artifacts")
@@ -208,8 +211,10 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
                                  "--artifacts-destination", "s3://mlflow-artifacts/", "--workers", "1"],
                                 env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"})
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
         _wait_until_answering(f"{url}/health", proc, log, timeout=90)
         yield MlflowServer(url, root / "mlflow.db")
