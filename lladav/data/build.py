@@ -3,16 +3,22 @@
 The stages, each a function below:
     plan     (driver)     enumerate every source, apply weights, fix the mixture order by
                           sha256(seed, source, record, copy): a pure function of the data
-    scan     (Ray tasks)  read, validate, filter, hash and tokenize each planned record
+    scan     (Ray tasks)  read, validate, filter, hash and tokenize each planned record, and
+                          cache each chunk's samples (token ids, targets, image bytes) as one
+                          Arrow file under `_build/scan/`
     dedup    (driver)     drop later copies of the same (image sha256s, normalized text)
     assign   (driver)     survivors, in plan order, cut into shards of `samples_per_shard`
-    write    (Ray tasks)  read each shard's records again, tokenize, write the tar atomically
+    write    (Ray tasks)  each shard's samples from the chunk caches that hold them, the tar
+                          written atomically
     commit   (driver)     manifest.parquet, rejects.parquet, then mixture.json, last
 
-Why records are read twice: dedup must see every record before any shard is cut, and cutting
-shards from the global survivor list is what makes the output independent of how many workers
-ran (byte-identical with 1 or 20). Holding all token ids on the driver would not scale; reading
-a record again costs one range read and a fast tokenizer call.
+Each record is read, decoded and tokenized once. Dedup must see every record before any shard
+is cut, and cutting shards from the global survivor list is what makes the output independent
+of how many workers ran (byte-identical with 1 or 20); holding the samples on the driver would
+not scale, so the scan leaves them in its chunk caches (plan-order ranges of SCAN_CHUNK records,
+so a shard reads the few consecutive chunks its survivors came from). The caches cost the
+mixture's bytes once more in `_build/` until the commit; reading every record a second time
+cost a source read, an image check and a tokenizer call per sample (bench/data_build.py).
 
 Resume: each written shard leaves a small done-marker (`_build/shard-N.json`, with the digest of
 the plan it was written from) after its tar; a rerun skips shards whose marker matches. Nothing
@@ -28,6 +34,8 @@ files' schemas (data/manifest.py).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -57,7 +65,8 @@ from lladav.lease import Lease, lease
 log = logging.getLogger(__name__)
 
 SCAN_CHUNK = 64          # records per scan task: big enough to amortise task start-up
-BUILD_DIR = "_build"     # resume markers; removed after the commit
+BUILD_DIR = "_build"     # resume markers and scan caches; removed after the commit
+SCAN_DIR = "scan"        # _build/scan/chunk-N.arrow: one scan task's samples
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -79,15 +88,21 @@ class Plan:
     records: Counter          # per source: records enumerated (unreadable included)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Scanned:
-    """A scan result: light enough to bring every record's back to the driver."""
+    """A scan result, brought back to the driver for every record, so kept small (~120 bytes):
+    a reject's reason, or an accepted sample's dedup key (`dedup_key`)."""
 
     index: int
     reason: str | None = None
     detail: str = ""
-    image_sha256: tuple[str, ...] = ()
-    text_sha256: str = ""
+    key: bytes = b""
+
+
+def dedup_key(image_sha256: tuple[str, ...], text_sha256: str) -> bytes:
+    """16 bytes standing for (image sha256s, normalized-text sha256): what makes two samples
+    the same for dedup (a collision needs ~2^64 samples)."""
+    return hashlib.sha256("\n".join((*image_sha256, text_sha256)).encode()).digest()[:16]
 
 
 @dataclass
@@ -202,26 +217,97 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
 
 # ---- scan and write (Ray task bodies; plain functions so they also run in-process) ----------
 
-def scan_chunk(recipe: Recipe, entries: list[PlanEntry]) -> list[Scanned]:
+def scan_chunk(recipe: Recipe, entries: list[PlanEntry], cache_uri: str | None = None) -> list[Scanned]:
     """Process each entry; every per-record failure becomes a Scanned reject, never a task error.
 
     Anything a record can make our code or a library raise (a parser's RecursionError, a
     tokenizer's UnicodeError, a PIL bug) is that record's reject, `record_error`, with the
     exception's type and message. Storage failures are not: a StorageError means the store,
     not the record, is unwell (retries are exhausted), so it fails the task and the build.
+    With `cache_uri`, the accepted samples are written there (one Arrow file, `_cache_bytes`)
+    for the write phase, which then never reads the source again.
     """
-    tok, cache, out = load_tokenizer(recipe.tokenizer), {}, []
+    tok, cache, out, samples = load_tokenizer(recipe.tokenizer), {}, [], []
     for entry in entries:
         try:
             s = process(recipe, entry, tok, cache)
-            out.append(Scanned(entry.index, image_sha256=s.image_sha256, text_sha256=s.text_sha256))
+            out.append(Scanned(entry.index, key=dedup_key(s.image_sha256, s.text_sha256)))
+            samples.append(s)
         except Rejected as e:
             out.append(Scanned(entry.index, e.reason, printable(e.detail)))
         except storage.StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - isolation is the point; see the docstring
             out.append(Scanned(entry.index, "record_error", record_error_detail(e)))
+    if cache_uri is not None:
+        storage.write_bytes(cache_uri, _cache_bytes(samples))
     return out
+
+
+_CACHE_SCHEMA = None  # built on first use: pyarrow is imported lazily, as everywhere in build
+
+
+def _cache_schema():
+    import pyarrow as pa
+
+    global _CACHE_SCHEMA
+    if _CACHE_SCHEMA is None:
+        _CACHE_SCHEMA = pa.schema([
+            ("index", pa.int64()), ("images", pa.list_(pa.binary())), ("exts", pa.list_(pa.string())),
+            ("widths", pa.list_(pa.int32())), ("heights", pa.list_(pa.int32())),
+            ("orientations", pa.list_(pa.int32())), ("image_sha256", pa.list_(pa.string())),
+            ("turns", pa.string()), ("text_sha256", pa.string()), ("ids", pa.binary()),
+            ("targets", pa.binary()), ("n_image_tokens", pa.int32())])
+    return _CACHE_SCHEMA
+
+
+def _cache_bytes(samples: list[Sample]) -> bytes:
+    """A chunk's samples as an Arrow IPC stream: plain columns (no pickle), read back by
+    `_cached_samples`. Token ids are stored as int32 and targets as uint8, as in the tar."""
+    import pyarrow as pa
+
+    cols: dict[str, list] = {name: [] for name in _cache_schema().names}
+    for s in samples:
+        cols["index"].append(s.entry.index)
+        cols["images"].append([d for d, _, _, _ in s.images])
+        cols["exts"].append([e for _, e, _, _ in s.images])
+        cols["widths"].append([w for _, _, w, _ in s.images])
+        cols["heights"].append([h for _, _, _, h in s.images])
+        cols["orientations"].append(list(s.orientations))
+        cols["image_sha256"].append(list(s.image_sha256))
+        cols["turns"].append(json.dumps([[t.role, t.text] for t in s.turns]))
+        cols["text_sha256"].append(s.text_sha256)
+        cols["ids"].append(s.ids.astype(np.int32).tobytes())
+        cols["targets"].append(s.targets.astype(np.uint8).tobytes())
+        cols["n_image_tokens"].append(s.n_image_tokens)
+    table = pa.table(cols, schema=_cache_schema())
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _cached_samples(data: bytes, wanted: dict[int, PlanEntry]) -> dict[int, Sample]:
+    """The samples of one chunk cache whose plan index is in `wanted`, keyed by plan index."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(data).read_all()
+    found = {}
+    for row in table.to_pylist():
+        entry = wanted.get(row["index"])
+        if entry is None:
+            continue
+        images = list(zip(row["images"], row["exts"], row["widths"], row["heights"]))
+        turns = [Turn(role, text) for role, text in json.loads(row["turns"])]
+        found[entry.index] = Sample(
+            entry, images, tuple(row["image_sha256"]), turns, row["text_sha256"],
+            np.frombuffer(row["ids"], dtype=np.int32), np.frombuffer(row["targets"], dtype=np.uint8),
+            row["n_image_tokens"], tuple(row["orientations"]))
+    return found
+
+
+def _chunk_uri(out_uri: str, chunk: int) -> str:
+    return storage.join(out_uri, BUILD_DIR, SCAN_DIR, f"chunk-{chunk:06d}.arrow")
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
@@ -252,32 +338,35 @@ def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
 
 
 def _npy(array: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
 def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
-                entries: list[PlanEntry], expected: dict[int, tuple[str, ...]],
-                shard_plan: str) -> dict[str, Any]:
-    """Write one shard's tar (atomically), then its done-marker; return the marker."""
+                entries: list[PlanEntry], shard_plan: str) -> dict[str, Any]:
+    """Write one shard's tar (atomically) from the scan's chunk caches, then its done-marker;
+    return the marker. The entries are consecutive survivors, so their chunks are too."""
     import webdataset as wds
 
-    tok, cache, rows = load_tokenizer(recipe.tokenizer), {}, []
+    rows = []
     name = mf.shard_name(shard_index)
-    samples = []
-    for entry in entries:
+    wanted = {e.index: e for e in entries}
+    found: dict[int, Sample] = {}
+    for chunk in sorted({e.index // SCAN_CHUNK for e in entries}):
+        uri = _chunk_uri(out_uri, chunk)
         try:
-            sample = process(recipe, entry, tok, cache)
-        except Rejected as e:
-            raise BuildError(f"{entry.ref.location} passed the scan but now fails ({e}); "
-                             "did the source change during the build?") from None
-        if sample.image_sha256 != expected[entry.index]:
-            raise BuildError(f"{entry.ref.location}: its images changed during the build")
-        samples.append(sample)
-    with storage.open_write(storage.join(out_uri, name)) as f:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise BuildError(f"{uri}: the scan cache of shard {shard_index} is gone; was "
+                             f"{out_uri}/{BUILD_DIR} removed during the build? Run it again") from None
+        found.update(_cached_samples(data, wanted))
+    if missing := [e.ref.location for e in entries if e.index not in found]:
+        raise BuildError(f"shard {shard_index}: {len(missing)} samples are missing from the scan "
+                         f"caches (e.g. {missing[0]}); run the build again")
+    samples = [found[e.index] for e in entries]
+    with storage.open_write(storage.join(out_uri, name)) as raw:
+        f = _Hashing(raw)  # the marker's sha256 and size, without reading the tar back
         # Fixed owner, mode and mtime: the same samples give the same tar bytes.
         writer = wds.TarWriter(f, user="lladav", group="lladav", mode=0o444, mtime=0.0, encoder=False)
         for i, sample in enumerate(samples):
@@ -294,12 +383,58 @@ def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
                 member[f"img{k}.{ext}"] = data
             writer.write(member)
         writer.close()
-    data = storage.read_bytes(storage.join(out_uri, name))
-    marker = {"plan": shard_plan, "name": name, "sha256": sha256_bytes(data), "bytes": len(data),
-              "samples": len(samples), "rows": rows}
-    storage.write_bytes(storage.join(out_uri, BUILD_DIR, f"shard-{shard_index:06d}.json"),
-                        canonical_json(marker))
-    return marker
+    marker = {"plan": shard_plan, "name": name, "sha256": f.sha.hexdigest(), "bytes": f.size,
+              "samples": len(samples), "totals": _totals(rows), "rows": rows}
+    storage.write_bytes(_marker_uri(out_uri, shard_index), canonical_json(marker))
+    return _light(marker)
+
+
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it to `raw` (closing it
+    leaves `raw` open: storage.open_write publishes that one)."""
+
+    def __init__(self, raw: Any):
+        super().__init__()
+        self.raw, self.sha, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        self.sha.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+
+def _totals(rows: list[dict]) -> dict[str, list[int]]:
+    """Per source: [samples, tokens, target tokens, image tokens] of a shard's manifest rows."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        t = out.setdefault(r["source"], [0, 0, 0, 0])
+        t[0] += 1
+        t[1] += r["n_tokens"]
+        t[2] += r["n_target_tokens"]
+        t[3] += r["n_image_tokens"]
+    return out
+
+
+def _light(marker: dict) -> dict:
+    """A done-marker without its manifest rows: what the driver keeps per shard (the rows stay
+    in the marker file until the commit streams them into manifest.parquet)."""
+    return {k: v for k, v in marker.items() if k != "rows"}
+
+
+def _marker_uri(out_uri: str, shard: int) -> str:
+    return storage.join(out_uri, BUILD_DIR, f"shard-{shard:06d}.json")
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -396,8 +531,9 @@ def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
 
     ensure_ray()
     chunks = [the_plan.entries[i:i + SCAN_CHUNK] for i in range(0, len(the_plan.entries), SCAN_CHUNK)]
-    scanned = [s for part in _run_tasks(scan_chunk, [(recipe, c) for c in chunks], num_workers,
-                                        "scan", progress) for s in part]
+    scan_args = [(recipe, c, _chunk_uri(out_uri, k)) for k, c in enumerate(chunks)]
+    scanned = [s for part in _run_tasks(scan_chunk, scan_args, num_workers, "scan", progress)
+               for s in part]
     survivors, rejects = _dedup(recipe, the_plan, scanned)
     if not survivors:
         raise BuildError(_nothing_left(recipe, the_plan, rejects))
@@ -406,13 +542,12 @@ def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
     shard_jobs, markers = [], {}
     for s, start in enumerate(range(0, len(survivors), spp)):
         entries = survivors[start:start + spp]
-        expected = {e.index: scanned[e.index].image_sha256 for e in entries}
         shard_plan = digest_obj([plan_digest, s, [e.index for e in entries]])
         marker = _done_marker(out_uri, s, shard_plan)
         if marker is not None:
             markers[s] = marker
         else:
-            shard_jobs.append((s, (recipe, out_uri, s, start, entries, expected, shard_plan)))
+            shard_jobs.append((s, (recipe, out_uri, s, start, entries, shard_plan)))
     if markers:
         log.info("resuming: %d of %d shards already written", len(markers), len(markers) + len(shard_jobs))
     written = _run_tasks(write_shard, [a for _, a in shard_jobs], num_workers, "write", progress)
@@ -458,30 +593,29 @@ def _committed_plan(out_uri: str) -> str | None:
 
 
 def _done_marker(out_uri: str, shard: int, shard_plan: str) -> dict | None:
-    uri = storage.join(out_uri, BUILD_DIR, f"shard-{shard:06d}.json")
     try:
-        marker = json.loads(storage.read_bytes(uri))
+        marker = json.loads(storage.read_bytes(_marker_uri(out_uri, shard)))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     if marker.get("plan") != shard_plan or not storage.exists(storage.join(out_uri, marker["name"])):
         return None
-    return marker
+    return _light(marker)
 
 
 def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list[PlanEntry], list[dict]]:
     """Survivors in plan order, and reject rows for everything else (unreadable ones first)."""
     rejects = [{"source": u.source, "source_id": None, "location": u.location, "copy": 0,
                 "reason": u.code, "detail": u.detail} for u in the_plan.unreadable]
-    first_seen: dict[tuple, tuple[str, int, str]] = {}
+    first_seen: dict[bytes, int] = {}  # dedup key -> plan index of its first sample
     survivors = []
     for entry, result in zip(the_plan.entries, scanned):
         ref = entry.ref
         reason, detail = result.reason, result.detail
         if reason is None and recipe.dedup:
-            key = (result.image_sha256, result.text_sha256)
-            owner = first_seen.setdefault(key, (ref.source, ref.ordinal, ref.location))
-            if owner[:2] != (ref.source, ref.ordinal):  # repeats of one record (weight > 1) stay
-                reason, detail = "duplicate", f"same images and text as {owner[2]}"
+            owner = the_plan.entries[first_seen.setdefault(result.key, entry.index)].ref
+            # the copies of one record (weight > 1) are not duplicates of each other
+            if (owner.source, owner.ordinal) != (ref.source, ref.ordinal):
+                reason, detail = "duplicate", f"same images and text as {owner.location}"
         if reason is None:
             survivors.append(entry)
         else:
@@ -490,7 +624,7 @@ def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list
     return survivors, rejects
 
 
-def check_accounting(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: list[dict]) -> None:
+def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: list[dict]) -> None:
     """Every record read is a sample or a reject row, per source: raise BuildError otherwise.
 
     Per source, samples + rejected == selected + unreadable, where `selected` is the planned
@@ -499,7 +633,6 @@ def check_accounting(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: 
     """
     selected = Counter(e.ref.source for e in the_plan.entries)
     unreadable = Counter(u.source for u in the_plan.unreadable)
-    samples = Counter(r["source"] for r in rows)
     rejected = Counter(r["source"] for r in rejects)
     for source in recipe.sources:
         n = source.name
@@ -509,18 +642,56 @@ def check_accounting(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: 
                              "lost between plan and commit, nothing was committed")
 
 
+MANIFEST_ROW_GROUP = 100_000  # rows held at once while the commit streams manifest.parquet
+
+
+def _write_manifest(out_uri: str, shards: list[dict]) -> tuple[str, int]:
+    """Stream the shards' manifest rows, read back from their done-markers in shard order, into
+    manifest.parquet (atomic; at most MANIFEST_ROW_GROUP rows in memory); (sha256, rows).
+
+    Row groups of MANIFEST_ROW_GROUP rows with manifest.table_to_bytes' options: the same bytes
+    as writing the whole table at once, whatever the number of shards or workers.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pending: list[dict] = []
+    total = 0
+    with storage.open_write(storage.join(out_uri, mf.MANIFEST)) as raw:
+        f = _Hashing(raw)
+        with pq.ParquetWriter(f, mf.MANIFEST_SCHEMA, compression="zstd", write_statistics=False,
+                              store_schema=False) as writer:
+            def flush(rows: list[dict]) -> None:
+                writer.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA),
+                                   row_group_size=MANIFEST_ROW_GROUP)
+
+            for shard in shards:
+                index = int(shard["name"].rsplit("-", 1)[1].split(".")[0])
+                pending += json.loads(storage.read_bytes(_marker_uri(out_uri, index)))["rows"]
+                while len(pending) >= MANIFEST_ROW_GROUP:
+                    flush(pending[:MANIFEST_ROW_GROUP])
+                    total += MANIFEST_ROW_GROUP
+                    pending = pending[MANIFEST_ROW_GROUP:]
+            if pending or total == 0:
+                flush(pending)
+                total += len(pending)
+    return f.sha.hexdigest(), total
+
+
 def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], rejects: list[dict],
             plan_digest: str, tok_digest: str, version: dict) -> mf.Mixture:
-    rows = [row for shard in shards for row in shard["rows"]]
-    check_accounting(recipe, the_plan, rows, rejects)
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for shard in shards:
+        for source, values in shard["totals"].items():
+            totals[source] = [a + b for a, b in zip(totals[source], values)]
+    check_accounting(recipe, the_plan, Counter({k: v[0] for k, v in totals.items()}), rejects)
     # Shards left over from an earlier, larger build of the same URI are not part of this one.
     names = {s["name"] for s in shards}
     for uri in storage.list_uris(storage.join(out_uri, mf.SHARD_DIR)):
         if uri[len(out_uri):].lstrip("/") not in names:
             storage.delete(uri)
-    manifest_bytes = mf.table_bytes(rows, mf.MANIFEST_SCHEMA)
+    manifest_sha, n_rows = _write_manifest(out_uri, shards)
     rejects_bytes = mf.table_bytes(rejects, mf.REJECTS_SCHEMA)
-    storage.write_bytes(storage.join(out_uri, mf.MANIFEST), manifest_bytes)
     storage.write_bytes(storage.join(out_uri, mf.REJECTS), rejects_bytes)
     info = {
         "format": mf.MIXTURE_FORMAT,
@@ -530,9 +701,9 @@ def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], re
         "plan_digest": plan_digest,
         "tokenizer": {"uri": recipe.tokenizer, "digest": tok_digest,
                       "special_ids": load_tokenizer(recipe.tokenizer).special_ids()},
-        "counts": _counts(recipe, the_plan, rows, rejects, len(shards)),
+        "counts": _counts(recipe, the_plan, totals, rejects, len(shards)),
         "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "samples")} for s in shards],
-        "manifest": {"name": mf.MANIFEST, "sha256": sha256_bytes(manifest_bytes), "rows": len(rows)},
+        "manifest": {"name": mf.MANIFEST, "sha256": manifest_sha, "rows": n_rows},
         "rejects": {"name": mf.REJECTS, "sha256": sha256_bytes(rejects_bytes), "rows": len(rejects)},
         "code_version": version,
     }
@@ -541,7 +712,7 @@ def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], re
     return mf.open_mixture(out_uri)
 
 
-def _counts(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: list[dict],
+def _counts(recipe: Recipe, the_plan: Plan, totals: dict[str, list[int]], rejects: list[dict],
             n_shards: int) -> dict[str, Any]:
     selected = Counter(e.ref.source for e in the_plan.entries)
     by_source: dict[str, Any] = {}
@@ -549,16 +720,17 @@ def _counts(recipe: Recipe, the_plan: Plan, rows: list[dict], rejects: list[dict
     for r in rejects:
         reasons[r["source"]][r["reason"]] += 1
     for source in recipe.sources:
-        mine = [r for r in rows if r["source"] == source.name]
+        samples, tokens, target_tokens, image_tokens = totals.get(source.name, [0, 0, 0, 0])
         by_source[source.name] = {
             "records": the_plan.records[source.name],
             "selected": selected[source.name],
-            "samples": len(mine),
+            "samples": samples,
             "rejected": sum(reasons[source.name].values()),
             "rejected_by_reason": dict(sorted(reasons[source.name].items())),
-            "tokens": sum(r["n_tokens"] for r in mine),
-            "target_tokens": sum(r["n_target_tokens"] for r in mine),
-            "image_tokens": sum(r["n_image_tokens"] for r in mine),
+            "tokens": tokens,
+            "target_tokens": target_tokens,
+            "image_tokens": image_tokens,
         }
-    return {"samples": len(rows), "rejected": len(rejects), "shards": n_shards,
-            "tokens": sum(r["n_tokens"] for r in rows), "by_source": by_source}
+    return {"samples": sum(t[0] for t in totals.values()), "rejected": len(rejects),
+            "shards": n_shards, "tokens": sum(t[1] for t in totals.values()),
+            "by_source": by_source}
