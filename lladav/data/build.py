@@ -74,7 +74,7 @@ class BuildError(RuntimeError):
     """The build cannot start or cannot finish; the message names the URI and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per planned sample on the driver
 class PlanEntry:
     index: int        # position in the mixture order
     ref: RecordRef
@@ -132,7 +132,7 @@ def plan(recipe: Recipe) -> Plan:
     Weight w keeps floor(w) copies of every record plus one more copy of the round(frac(w)*n)
     records with the smallest seeded hash: an exact, seeded fraction.
     """
-    entries: list[tuple[str, RecordRef, int]] = []
+    entries: list[tuple[bytes, RecordRef, int]] = []
     unreadable: list[Unreadable] = []
     records: Counter = Counter()
     planned = 0.0
@@ -153,7 +153,9 @@ def plan(recipe: Recipe) -> Plan:
         extra = {r.ordinal for r in by_draw[:round(frac * len(refs))]}
         for ref in refs:
             for copy in range(whole + (ref.ordinal in extra)):
-                key = hash_key(recipe.seed, "order", ref.source, ref.ordinal, ref.record_id, copy)
+                # the raw digest sorts as its hex (hash_key) does, in half the memory
+                key = bytes.fromhex(hash_key(recipe.seed, "order", ref.source, ref.ordinal,
+                                             ref.record_id, copy))
                 entries.append((key, ref, copy))
     entries.sort(key=lambda e: e[0])
     return Plan([PlanEntry(i, ref, copy) for i, (_, ref, copy) in enumerate(entries)],
@@ -516,9 +518,7 @@ def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
     version = code_version()
 
     the_plan = plan(recipe)
-    plan_digest = digest_obj({"recipe": recipe_identity, "tokenizer": tok_digest,
-                              "code": version,
-                              "entries": [[e.ref.location, e.copy] for e in the_plan.entries]})
+    plan_digest = _plan_digest(recipe_identity, tok_digest, version, the_plan)
     committed = _committed_plan(out_uri)
     if committed is not None:
         if committed == plan_digest:
@@ -555,6 +555,16 @@ def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
     shards = [markers[s] for s in sorted(markers)]
     held.check()  # a build that lost its lease must not commit over another writer's files
     return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tok_digest, version)
+
+
+def _plan_digest(recipe_identity: dict, tok_digest: str, version: dict, the_plan: Plan) -> str:
+    """What the mixture is made of: recipe, tokenizer, code and every planned (location, copy),
+    hashed as a stream (a JSON list of 10M locations would be ~1 GB on the driver)."""
+    h = hashlib.sha256(canonical_json({"recipe": recipe_identity, "tokenizer": tok_digest,
+                                       "code": version}))
+    for e in the_plan.entries:
+        h.update(canonical_json([e.ref.location, e.copy]))
+    return h.hexdigest()
 
 
 def vision_note(recipe: Recipe) -> str | None:
@@ -642,12 +652,13 @@ def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: 
                              "lost between plan and commit, nothing was committed")
 
 
-MANIFEST_ROW_GROUP = 100_000  # rows held at once while the commit streams manifest.parquet
+MANIFEST_ROW_GROUP = 100_000  # rows held at once (as Arrow columns) while the commit streams
 
 
 def _write_manifest(out_uri: str, shards: list[dict]) -> tuple[str, int]:
     """Stream the shards' manifest rows, read back from their done-markers in shard order, into
-    manifest.parquet (atomic; at most MANIFEST_ROW_GROUP rows in memory); (sha256, rows).
+    manifest.parquet (atomic; at most MANIFEST_ROW_GROUP rows in memory, as Arrow columns);
+    (sha256, rows).
 
     Row groups of MANIFEST_ROW_GROUP rows with manifest.table_to_bytes' options: the same bytes
     as writing the whole table at once, whatever the number of shards or workers.
@@ -655,26 +666,27 @@ def _write_manifest(out_uri: str, shards: list[dict]) -> tuple[str, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pending: list[dict] = []
-    total = 0
+    pending: list[pa.Table] = []
+    held = total = 0
     with storage.open_write(storage.join(out_uri, mf.MANIFEST)) as raw:
         f = _Hashing(raw)
         with pq.ParquetWriter(f, mf.MANIFEST_SCHEMA, compression="zstd", write_statistics=False,
                               store_schema=False) as writer:
-            def flush(rows: list[dict]) -> None:
-                writer.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA),
-                                   row_group_size=MANIFEST_ROW_GROUP)
-
             for shard in shards:
                 index = int(shard["name"].rsplit("-", 1)[1].split(".")[0])
-                pending += json.loads(storage.read_bytes(_marker_uri(out_uri, index)))["rows"]
-                while len(pending) >= MANIFEST_ROW_GROUP:
-                    flush(pending[:MANIFEST_ROW_GROUP])
+                rows = json.loads(storage.read_bytes(_marker_uri(out_uri, index)))["rows"]
+                pending.append(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA))
+                held += len(rows)
+                while held >= MANIFEST_ROW_GROUP:
+                    table = pa.concat_tables(pending)
+                    writer.write_table(table.slice(0, MANIFEST_ROW_GROUP),
+                                       row_group_size=MANIFEST_ROW_GROUP)
+                    pending, held = [table.slice(MANIFEST_ROW_GROUP)], held - MANIFEST_ROW_GROUP
                     total += MANIFEST_ROW_GROUP
-                    pending = pending[MANIFEST_ROW_GROUP:]
-            if pending or total == 0:
-                flush(pending)
-                total += len(pending)
+            rest = pa.concat_tables(pending) if pending else mf.MANIFEST_SCHEMA.empty_table()
+            if held or total == 0:
+                writer.write_table(rest, row_group_size=MANIFEST_ROW_GROUP)
+                total += held
     return f.sha.hexdigest(), total
 
 

@@ -38,7 +38,7 @@ _UNSUPPORTED_IMAGE_EXTS = ("heic", "heif", "avif", "jxl", "svg", "ico", "jp2", "
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20  # ImageLimits.max_bytes' default: reads are capped by it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the build's plan holds one per record
 class RecordRef:
     """Where one record lives. `locator` is reader-specific and enough to read it back."""
 

@@ -85,3 +85,36 @@ def test_a_missing_scan_cache_fails_the_shard_with_its_uri(tmp_path, synth_dir):
     entries = b.plan(recipe).entries[:4]
     with pytest.raises(b.BuildError, match=r"chunk-000000\.arrow: the scan cache of shard 0 is gone"):
         b.write_shard(recipe, out, 0, 0, entries, "plan-0")
+
+
+@pytest.mark.parametrize("row_group", [7, 100_000])
+def test_the_streamed_manifest_equals_the_whole_table(tmp_path, monkeypatch, row_group):
+    """The commit streams manifest rows from the shard markers in row groups; the bytes are
+    those of writing the whole table at once (row groups of the same size), so the output does
+    not depend on how the rows were split into shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lladav.data import manifest as mf
+
+    monkeypatch.setattr(b, "MANIFEST_ROW_GROUP", row_group)
+    out = str(tmp_path / "mix")
+    rows = [{"key": f"{i:09d}", "shard": mf.shard_name(i // 5), "source": "s", "source_id": str(i),
+             "location": f"f.json#byte={i * 40}", "copy": 0, "image_sha256": [], "image_widths": [],
+             "image_heights": [], "text_sha256": f"{i:064x}", "n_tokens": i, "n_text_tokens": i,
+             "n_target_tokens": 1, "n_image_tokens": 0, "image_orientations": []} for i in range(23)]
+    shards = []
+    for s in range(5):
+        mine = rows[s * 5:(s + 1) * 5]
+        storage.write_bytes(b._marker_uri(out, s), json.dumps({"rows": mine}).encode())
+        shards.append({"name": mf.shard_name(s)})
+    sha, n = b._write_manifest(out, shards)
+
+    whole = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=mf.MANIFEST_SCHEMA), whole, compression="zstd",
+                   row_group_size=row_group, write_statistics=False, store_schema=False)
+    written = storage.read_bytes(f"{out}/{mf.MANIFEST}")
+    assert n == 23 and written == whole.getvalue()
+    assert sha == b.sha256_bytes(written)
+    if row_group == 100_000:  # the committed format: mf.table_bytes' bytes
+        assert written == mf.table_bytes(rows, mf.MANIFEST_SCHEMA)
