@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 SCAN_CHUNK = 64          # records per scan task: big enough to amortise task start-up
 BUILD_DIR = "_build"     # resume markers and scan caches; removed after the commit
 SCAN_DIR = "scan"        # _build/scan/chunk-N.arrow: one scan task's samples
+_WAIT_SLICE_S = 5.0      # how long _run_tasks waits on Ray before it lets signal handlers run
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -457,7 +458,13 @@ def _run_tasks(fn: Callable, args_list: list[tuple], num_workers: int, phase: st
         while todo and len(pending) < num_workers:
             i, args = todo.pop()
             pending[remote.remote(*args)] = i
-        done, _ = ray.wait(list(pending), num_returns=1)
+        # Waits in slices so the process's signal handlers run (Ctrl-C, a test's timeout): one
+        # wait without a timeout blocks in Ray's C++ for as long as no task finishes, and a
+        # build whose tasks never came back (seen once in CI, the raylet holding no lease)
+        # hung its test past the suite's timeout instead of failing it.
+        done: list = []
+        while not done:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SLICE_S)
         for ref in done:
             results[pending.pop(ref)] = ray.get(ref)
         if progress:
