@@ -34,6 +34,7 @@ files' schemas (data/manifest.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -247,21 +248,16 @@ def scan_chunk(recipe: Recipe, entries: list[PlanEntry], cache_uri: str | None =
     return out
 
 
-_CACHE_SCHEMA = None  # built on first use: pyarrow is imported lazily, as everywhere in build
-
-
+@functools.cache  # built on first use: pyarrow is imported lazily, as everywhere in build
 def _cache_schema():
     import pyarrow as pa
 
-    global _CACHE_SCHEMA
-    if _CACHE_SCHEMA is None:
-        _CACHE_SCHEMA = pa.schema([
-            ("index", pa.int64()), ("images", pa.list_(pa.binary())), ("exts", pa.list_(pa.string())),
-            ("widths", pa.list_(pa.int32())), ("heights", pa.list_(pa.int32())),
-            ("orientations", pa.list_(pa.int32())), ("image_sha256", pa.list_(pa.string())),
-            ("turns", pa.string()), ("text_sha256", pa.string()), ("ids", pa.binary()),
-            ("targets", pa.binary()), ("n_image_tokens", pa.int32())])
-    return _CACHE_SCHEMA
+    return pa.schema([
+        ("index", pa.int64()), ("images", pa.list_(pa.binary())), ("exts", pa.list_(pa.string())),
+        ("widths", pa.list_(pa.int32())), ("heights", pa.list_(pa.int32())),
+        ("orientations", pa.list_(pa.int32())), ("image_sha256", pa.list_(pa.string())),
+        ("turns", pa.string()), ("text_sha256", pa.string()), ("ids", pa.binary()),
+        ("targets", pa.binary()), ("n_image_tokens", pa.int32())])
 
 
 def _cache_bytes(samples: list[Sample]) -> bytes:
