@@ -6,7 +6,8 @@ The stages, each a function below:
     scan     (Ray tasks)  read, validate, filter, hash and tokenize each planned record, and
                           cache each chunk's samples (token ids, targets, image bytes) as one
                           Arrow file under `_build/scan/`
-    dedup    (driver)     drop later copies of the same (image sha256s, normalized text)
+    dedup    (driver)     of the samples with the same (image sha256s, normalized text), keep the
+                          record first in the corpus; reject the others as its duplicates
     assign   (driver)     survivors, in plan order, cut into shards of `samples_per_shard`
     write    (Ray tasks)  each shard's samples from the chunk caches that hold them, the tar
                           written atomically
@@ -15,7 +16,7 @@ The stages, each a function below:
 Each record is read, decoded and tokenized once. Dedup must see every record before any shard
 is cut, and cutting shards from the global survivor list is what makes the output independent
 of how many workers ran (byte-identical with 1 or 20); holding the samples on the driver would
-not scale, so the scan leaves them in its chunk caches (plan-order ranges of SCAN_CHUNK records,
+not scale, so the scan leaves them in its chunk caches (plan-order ranges of records, `scan_chunk_size`,
 so a shard reads the few consecutive chunks its survivors came from). The caches cost the
 mixture's bytes once more in `_build/` until the commit; reading every record a second time
 cost a source read, an image check and a tokenizer call per sample (bench/data_build.py).
@@ -59,13 +60,14 @@ from lladav.data.tokenizer import load_tokenizer, tokenizer_digest
 from lladav.data.images import BadImage, image_token_count, inspect_image
 from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
                                  load_record, printable)
-from lladav.digest import (canonical_json, code_version, digest_obj, hash_key, hash_unit,
+from lladav.digest import (canonical_json, code_version, digest_obj, hash_unit,
                            pretty_json, sha256_bytes)
 from lladav.lease import Lease, lease
 
 log = logging.getLogger(__name__)
 
-SCAN_CHUNK = 64          # records per scan task: big enough to amortise task start-up
+SCAN_CHUNK = 64          # fewest records per scan task (see scan_chunk_size)
+MAX_SCAN_CHUNK = 512     # most records per scan task: bounds a task's memory (its samples' bytes)
 BUILD_DIR = "_build"     # resume markers and scan caches; removed after the commit
 SCAN_DIR = "scan"        # _build/scan/chunk-N.arrow: one scan task's samples
 _WAIT_SLICE_S = 5.0      # how long _run_tasks waits on Ray before it lets signal handlers run
@@ -74,20 +76,6 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 class BuildError(RuntimeError):
     """The build cannot start or cannot finish; the message names the URI and the fix."""
-
-
-@dataclass(frozen=True, slots=True)  # slots: one per planned sample on the driver
-class PlanEntry:
-    index: int        # position in the mixture order
-    ref: RecordRef
-    copy: int         # repeat index for weight > 1
-
-
-@dataclass
-class Plan:
-    entries: list[PlanEntry]
-    unreadable: list[Unreadable]
-    records: Counter          # per source: records enumerated (unreadable included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,40 +116,242 @@ class Rejected(Exception):
 
 # ---- plan -----------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)  # slots: built per task, a chunk or a shard at a time
+class PlanEntry:
+    index: int        # position in the mixture order
+    ref: RecordRef
+    copy: int         # repeat index for weight > 1
+
+
+_BATCH = 65_536  # records buffered as Python objects while enumerating, then made columns
+
+
+class _Records:
+    """Every enumerated record as columns, in enumeration order (sources one after another):
+    record id, location (an interned prefix index + suffix, e.g. `data.jsonl#` + `byte=17`) and
+    locator (an interned file index + the rest: two integer columns when it is two integers, as
+    for JSON byte spans and parquet rows, else compact JSON, as for a tar's member list). About
+    50 bytes per record where a RecordRef object took ~470; a record's source and ordinal
+    follow from its row."""
+
+    def __init__(self) -> None:
+        self.sources: list[str] = []
+        self.starts: list[int] = []        # first row of each source
+        self.prefixes: dict[str, int] = {}
+        self.files: dict[str, int] = {}
+        self._parts: dict[str, list] = {k: [] for k in ("rid", "prefix", "suffix", "file", "a", "b",
+                                                           "loc")}
+        self._buf: dict[str, list] = {k: [] for k in self._parts}
+        self.n = 0
+        self.columns: dict[str, Any] = {}
+
+    def start_source(self, name: str) -> None:
+        self.sources.append(name)
+        self.starts.append(self.n)
+
+    def add(self, ref: RecordRef) -> None:
+        head, sep, tail = ref.location.rpartition("#")
+        b = self._buf
+        b["rid"].append(ref.record_id)
+        b["prefix"].append(self.prefixes.setdefault(head + sep, len(self.prefixes)))
+        b["suffix"].append(tail)
+        b["file"].append(self.files.setdefault(ref.locator[0], len(self.files)))
+        rest = ref.locator[1:]
+        if len(rest) == 2 and all(type(v) is int for v in rest):
+            b["a"].append(rest[0])
+            b["b"].append(rest[1])
+            b["loc"].append("")
+        else:
+            b["a"].append(0)
+            b["b"].append(0)
+            b["loc"].append(json.dumps(rest, separators=(",", ":")))
+        self.n += 1
+        if len(b["rid"]) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        b = self._buf
+        if not b["rid"]:
+            return
+        for k in ("rid", "suffix", "loc"):
+            self._parts[k].append(pa.array(b[k], pa.string()))
+        for k in ("prefix", "file"):
+            self._parts[k].append(np.asarray(b[k], dtype=np.int32))
+        for k in ("a", "b"):
+            self._parts[k].append(np.asarray(b[k], dtype=np.int64))
+        for k in b:
+            b[k] = []
+
+    def finish(self) -> None:
+        import pyarrow as pa
+
+        self._flush()
+        for k in ("rid", "suffix", "loc"):
+            self.columns[k] = (pa.concat_arrays(self._parts[k]) if self._parts[k]
+                               else pa.array([], pa.string()))
+        for k, dtype in (("prefix", np.int32), ("file", np.int32), ("a", np.int64), ("b", np.int64)):
+            self.columns[k] = (np.concatenate(self._parts[k]) if self._parts[k]
+                               else np.zeros(0, dtype))
+        self._parts = {}
+        self.prefix_list = list(self.prefixes)
+        self.file_list = list(self.files)
+        self.starts_arr = np.asarray(self.starts, dtype=np.int64)
+
+    def source_of(self, rows: np.ndarray) -> np.ndarray:
+        """Source index of each record row."""
+        return np.searchsorted(self.starts_arr, rows, side="right") - 1
+
+    def refs(self, rows: np.ndarray) -> list[RecordRef]:
+        rows = np.asarray(rows, dtype=np.int64)
+        c = self.columns
+        rids = c["rid"].take(rows).to_pylist()
+        suffixes = c["suffix"].take(rows).to_pylist()
+        locs = c["loc"].take(rows).to_pylist()
+        src = self.source_of(rows).tolist()
+        prefixes, files = c["prefix"][rows].tolist(), c["file"][rows].tolist()
+        a, b = c["a"][rows].tolist(), c["b"][rows].tolist()
+        out = []
+        for k, row in enumerate(rows.tolist()):
+            s = src[k]
+            rest = (a[k], b[k]) if not locs[k] else _tuples(json.loads(locs[k]))
+            out.append(RecordRef(self.sources[s], row - self.starts[s], rids[k],
+                                 self.prefix_list[prefixes[k]] + suffixes[k],
+                                 (self.file_list[files[k]], *rest)))
+        return out
+
+    def locations(self, rows: np.ndarray) -> list[str]:
+        c = self.columns
+        rows = np.asarray(rows, dtype=np.int64)
+        suffixes = c["suffix"].take(rows).to_pylist()
+        return [self.prefix_list[p] + s for p, s in zip(c["prefix"][rows].tolist(), suffixes)]
+
+
+def _tuples(value: Any) -> Any:
+    """A locator read back from JSON, with its lists as the tuples the readers built."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class Plan:
+    """The mixture order: one row per planned sample, as the record row it copies and the copy
+    number (12 bytes per sample), over the enumerated records' columns (`_Records`). PlanEntry
+    objects are made only for the rows a task is given (`entries[a:b]`, `take`)."""
+
+    def __init__(self, records: _Records, rows: np.ndarray, copies: np.ndarray,
+                 unreadable: list[Unreadable], counts: Counter):
+        self.records_table, self.rows, self.copies = records, rows, copies
+        self.unreadable, self.records = unreadable, counts
+        self.entries = _PlanEntries(self)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: np.ndarray | list[int]) -> list[PlanEntry]:
+        indices = np.asarray(indices, dtype=np.int64)
+        refs = self.records_table.refs(self.rows[indices])
+        return [PlanEntry(int(i), ref, int(c))
+                for i, ref, c in zip(indices.tolist(), refs, self.copies[indices].tolist())]
+
+    def sources(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """Source index of each planned sample (of `indices`, or of all)."""
+        rows = self.rows if indices is None else self.rows[indices]
+        return self.records_table.source_of(rows)
+
+    def selected(self) -> Counter:
+        """Planned samples per source name."""
+        names = self.records_table.sources
+        counts = np.bincount(self.sources(), minlength=len(names))
+        return Counter({names[i]: int(n) for i, n in enumerate(counts) if n})
+
+
+class _PlanEntries:
+    """`plan.entries[i]`, `plan.entries[a:b]` and `len(plan.entries)`, made on demand."""
+
+    def __init__(self, the_plan: Plan):
+        self._plan = the_plan
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __getitem__(self, key: int | slice) -> PlanEntry | list[PlanEntry]:
+        if isinstance(key, slice):
+            return self._plan.take(np.arange(*key.indices(len(self._plan)), dtype=np.int64))
+        return self._plan.take([key])[0]
+
+
 def plan(recipe: Recipe) -> Plan:
     """Enumerate the sources, apply weights, and fix the order of the mixture.
 
     Weight w keeps floor(w) copies of every record plus one more copy of the round(frac(w)*n)
-    records with the smallest seeded hash: an exact, seeded fraction.
+    records with the smallest seeded hash: an exact, seeded fraction. The order is the sort of
+    sha256(seed, "order", source, ordinal, record id, copy). The records are held as columns
+    (`_Records`), the order as two integer arrays: ~60-80 bytes per planned sample.
     """
-    entries: list[tuple[bytes, RecordRef, int]] = []
+    records = _Records()
     unreadable: list[Unreadable] = []
-    records: Counter = Counter()
+    counts: Counter = Counter()
     planned = 0.0
+    rows_parts, copy_parts, key_parts = [], [], []
     for source in recipe.sources:
-        refs = []
+        records.start_source(source.name)
+        first = records.n
+        whole, frac = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
+        # Keys accumulate as raw bytes (16 per key), not as Python objects.
+        keys, draws, extra_keys = bytearray(), bytearray(), bytearray()
+        n = 0
         for item in enumerate_source(source):
-            records[source.name] += 1
-            (unreadable if isinstance(item, Unreadable) else refs).append(item)
-            if planned + len(refs) * source.weight > recipe.max_planned:
+            counts[source.name] += 1
+            if isinstance(item, Unreadable):
+                unreadable.append(item)
+                continue
+            records.add(item)
+            n += 1
+            if planned + n * source.weight > recipe.max_planned:
                 raise BuildError(f"recipe {recipe.name}: the plan passes max_planned "
                                  f"{recipe.max_planned} samples while enumerating source "
-                                 f"{source.name} ({len(refs)} records x weight {source.weight:g}"
+                                 f"{source.name} ({n} records x weight {source.weight:g}"
                                  f" so far); lower the weights or raise max_planned")
-        planned += len(refs) * source.weight
-        whole, frac = int(math.floor(source.weight)), source.weight - math.floor(source.weight)
-        by_draw = sorted(refs, key=lambda r: hash_key(recipe.seed, "weight", source.name, r.ordinal,
-                                                      r.record_id))
-        extra = {r.ordinal for r in by_draw[:round(frac * len(refs))]}
-        for ref in refs:
-            for copy in range(whole + (ref.ordinal in extra)):
-                # the raw digest sorts as its hex (hash_key) does, in half the memory
-                key = bytes.fromhex(hash_key(recipe.seed, "order", ref.source, ref.ordinal,
-                                             ref.record_id, copy))
-                entries.append((key, ref, copy))
-    entries.sort(key=lambda e: e[0])
-    return Plan([PlanEntry(i, ref, copy) for i, (_, ref, copy) in enumerate(entries)],
-                unreadable, records)
+            for copy in range(whole):
+                keys += _order_key(recipe.seed, item, copy)
+            if frac:  # the draw, and the key the extra copy gets if the draw selects it
+                draws += _raw_key(recipe.seed, "weight", source.name, item.ordinal,
+                                  item.record_id)[:8]
+                extra_keys += _order_key(recipe.seed, item, whole)
+        planned += n * source.weight
+        if whole and n:
+            rows_parts.append(np.repeat(np.arange(first, first + n, dtype=np.int64), whole))
+            copy_parts.append(np.tile(np.arange(whole, dtype=np.int32), n))
+            key_parts.append(np.frombuffer(bytes(keys), dtype=">u8").reshape(-1, 2))
+        if frac and n:
+            draw = np.frombuffer(bytes(draws), dtype=">u8")
+            extra = np.sort(np.lexsort((np.arange(n), draw))[:round(frac * n)])
+            rows_parts.append(first + extra)
+            copy_parts.append(np.full(len(extra), whole, dtype=np.int32))
+            key_parts.append(np.frombuffer(bytes(extra_keys), dtype=">u8").reshape(-1, 2)[extra])
+        del keys, draws, extra_keys
+    records.finish()
+    if key_parts:
+        key = np.concatenate(key_parts)
+        order = np.lexsort((key[:, 1], key[:, 0]))
+        del key
+        rows = np.concatenate(rows_parts)[order]
+        copies = np.concatenate(copy_parts)[order]
+    else:
+        rows, copies = np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return Plan(records, rows, copies, unreadable, counts)
+
+
+def _raw_key(*parts: Any) -> bytes:
+    """sha256 of the parts as length-prefixed strings: unambiguous, and ~4x cheaper than
+    digest.hash_key's JSON, which matters at one call per planned sample."""
+    return hashlib.sha256("".join(f"{len(t)}:{t}" for t in map(str, parts))
+                          .encode("utf-8", "surrogatepass")).digest()
+
+
+def _order_key(seed: int, ref: RecordRef, copy: int) -> bytes:
+    """16 bytes of the sample's order hash (sorting them sorts as the full digest does)."""
+    return _raw_key(seed, "order", ref.source, ref.ordinal, ref.record_id, copy)[:16]
 
 
 # ---- per-record processing (shared by scan and write, so both see the same sample) -----------
@@ -342,17 +532,27 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def scan_chunk_size(n: int, num_workers: int, samples_per_shard: int) -> int:
+    """Records per scan task: ~8 tasks per worker for balance, at least SCAN_CHUNK (a task's
+    start costs ~10 ms: at 64 text records that was a third of the scan), at most
+    MAX_SCAN_CHUNK and at most a shard (a shard's writer reads whole chunk caches)."""
+    cap = max(SCAN_CHUNK, min(MAX_SCAN_CHUNK, samples_per_shard))
+    return max(SCAN_CHUNK, min(cap, math.ceil(n / (8 * max(1, num_workers)))))
+
+
 def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
-                entries: list[PlanEntry], shard_plan: str) -> dict[str, Any]:
+                entries: list[PlanEntry], shard_plan: str,
+                chunk_size: int = SCAN_CHUNK) -> dict[str, Any]:
     """Write one shard's tar (atomically) from the scan's chunk caches, then its done-marker;
-    return the marker. The entries are consecutive survivors, so their chunks are too."""
+    return the marker. The entries are consecutive survivors, so their chunks (of `chunk_size`
+    plan indices, as scanned) are too."""
     import webdataset as wds
 
     rows = []
     name = mf.shard_name(shard_index)
     wanted = {e.index: e for e in entries}
     found: dict[int, Sample] = {}
-    for chunk in sorted({e.index // SCAN_CHUNK for e in entries}):
+    for chunk in sorted({e.index // chunk_size for e in entries}):
         uri = _chunk_uri(out_uri, chunk)
         try:
             data = storage.read_bytes(uri)
@@ -366,8 +566,9 @@ def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
     samples = [found[e.index] for e in entries]
     with storage.open_write(storage.join(out_uri, name)) as raw:
         f = _Hashing(raw)  # the marker's sha256 and size, without reading the tar back
-        # Fixed owner, mode and mtime: the same samples give the same tar bytes.
-        writer = wds.TarWriter(f, user="lladav", group="lladav", mode=0o444, mtime=0.0, encoder=False)
+        # Fixed owner, mode and mtime: the same samples give the same tar bytes. An int mtime:
+        # a float one made tarfile add a 1 KiB pax header before every member.
+        writer = wds.TarWriter(f, user="lladav", group="lladav", mode=0o444, mtime=0, encoder=False)
         for i, sample in enumerate(samples):
             key = f"{first_key + i:09d}"
             row = _manifest_row(sample, key, name)
@@ -438,22 +639,26 @@ def _marker_uri(out_uri: str, shard: int) -> str:
 
 # ---- the driver ------------------------------------------------------------------------------
 
-def _run_tasks(fn: Callable, args_list: list[tuple], num_workers: int, phase: str,
-               progress: Progress | None) -> list[Any]:
-    """Run fn(*args) for each args as Ray tasks, at most `num_workers` at a time, in order."""
+def _run_tasks(fn: Callable, n: int, make_args: Callable[[int], tuple], num_workers: int,
+               phase: str, progress: Progress | None,
+               on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """Run fn(*make_args(i)) for i in range(n) as Ray tasks, at most `num_workers` at a time.
+
+    Arguments are made when a task is submitted, so the driver never holds all of them. With
+    `on_result`, each result is handed to it as it arrives (in any order) and not kept;
+    otherwise the results are returned in order."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=2)(fn)
     results: dict[int, Any] = {}
     pending: dict[Any, int] = {}
-    todo = list(enumerate(args_list))[::-1]
-    total = len(args_list)
+    submitted = finished = 0
     if progress:
-        progress(phase, 0, total)
-    while todo or pending:
-        while todo and len(pending) < num_workers:
-            i, args = todo.pop()
-            pending[remote.remote(*args)] = i
+        progress(phase, 0, n)
+    while submitted < n or pending:
+        while submitted < n and len(pending) < num_workers:
+            pending[remote.remote(*make_args(submitted))] = submitted
+            submitted += 1
         # Waits in slices so the process's signal handlers run (Ctrl-C, a test's timeout): one
         # wait without a timeout blocks in Ray's C++ for as long as no task finishes, and a
         # build whose tasks never came back (seen once in CI, the raylet holding no lease)
@@ -462,10 +667,15 @@ def _run_tasks(fn: Callable, args_list: list[tuple], num_workers: int, phase: st
         while not done:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_SLICE_S)
         for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
+            i = pending.pop(ref)
+            if on_result is None:
+                results[i] = ray.get(ref)
+            else:
+                on_result(i, ray.get(ref))
+            finished += 1
         if progress:
-            progress(phase, len(results), total)
-    return [results[i] for i in range(total)]
+            progress(phase, finished, n)
+    return [results[i] for i in range(n)] if on_result is None else []
 
 
 def ensure_ray() -> None:
@@ -533,31 +743,51 @@ def _build_leased(recipe: Recipe, out_uri: str, tok_digest: str, held: Lease, *,
         storage.delete(storage.join(out_uri, mf.MIXTURE_JSON))  # uncommit before touching shards
 
     ensure_ray()
-    chunks = [the_plan.entries[i:i + SCAN_CHUNK] for i in range(0, len(the_plan.entries), SCAN_CHUNK)]
-    scan_args = [(recipe, c, _chunk_uri(out_uri, k)) for k, c in enumerate(chunks)]
-    scanned = [s for part in _run_tasks(scan_chunk, scan_args, num_workers, "scan", progress)
-               for s in part]
-    survivors, rejects = _dedup(recipe, the_plan, scanned)
-    if not survivors:
+    chunk = scan_chunk_size(len(the_plan), num_workers, recipe.samples_per_shard)
+    survivors, rejects = _scan(recipe, out_uri, the_plan, chunk, num_workers, progress)
+    if not len(survivors):
         raise BuildError(_nothing_left(recipe, the_plan, rejects))
 
     spp = recipe.samples_per_shard
-    shard_jobs, markers = [], {}
-    for s, start in enumerate(range(0, len(survivors), spp)):
-        entries = survivors[start:start + spp]
-        shard_plan = digest_obj([plan_digest, s, [e.index for e in entries]])
-        marker = _done_marker(out_uri, s, shard_plan)
+    todo, markers = [], {}
+    for s in range(math.ceil(len(survivors) / spp)):
+        marker = _done_marker(out_uri, s, _shard_plan(plan_digest, s, survivors, spp))
         if marker is not None:
             markers[s] = marker
         else:
-            shard_jobs.append((s, (recipe, out_uri, s, start, entries, shard_plan)))
+            todo.append(s)
     if markers:
-        log.info("resuming: %d of %d shards already written", len(markers), len(markers) + len(shard_jobs))
-    written = _run_tasks(write_shard, [a for _, a in shard_jobs], num_workers, "write", progress)
-    markers.update({s: m for (s, _), m in zip(shard_jobs, written)})
+        log.info("resuming: %d of %d shards already written", len(markers), len(markers) + len(todo))
+
+    def shard_args(j: int) -> tuple:
+        s = todo[j]
+        entries = the_plan.take(survivors[s * spp:(s + 1) * spp])
+        return (recipe, out_uri, s, s * spp, entries, _shard_plan(plan_digest, s, survivors, spp),
+                chunk)
+
+    _run_tasks(write_shard, len(todo), shard_args, num_workers, "write", progress,
+               on_result=lambda j, marker: markers.__setitem__(todo[j], marker))
     shards = [markers[s] for s in sorted(markers)]
     held.check()  # a build that lost its lease must not commit over another writer's files
     return _commit(recipe, out_uri, the_plan, shards, rejects, plan_digest, tok_digest, version)
+
+
+def _scan(recipe: Recipe, out_uri: str, the_plan: Plan, chunk: int, num_workers: int,
+          progress: Progress | None) -> tuple[np.ndarray, list[dict]]:
+    """Scan every planned sample in chunks of `chunk` (Ray tasks), then dedup: the survivors'
+    plan indices and the reject rows."""
+    n = len(the_plan)
+    results = ScanResults(n)
+    _run_tasks(scan_chunk, math.ceil(n / chunk),
+               lambda k: (recipe, the_plan.entries[k * chunk:(k + 1) * chunk],
+                          _chunk_uri(out_uri, k)),
+               num_workers, "scan", progress, on_result=lambda _, part: results.add(part))
+    return _dedup(recipe, the_plan, results)
+
+
+def _shard_plan(plan_digest: str, shard: int, survivors: np.ndarray, spp: int) -> str:
+    """What shard `shard` is written from: the plan and its samples' plan indices."""
+    return digest_obj([plan_digest, shard, survivors[shard * spp:(shard + 1) * spp].tolist()])
 
 
 def _plan_digest(recipe_identity: dict, tok_digest: str, version: dict, the_plan: Plan) -> str:
@@ -565,8 +795,11 @@ def _plan_digest(recipe_identity: dict, tok_digest: str, version: dict, the_plan
     hashed as a stream (a JSON list of 10M locations would be ~1 GB on the driver)."""
     h = hashlib.sha256(canonical_json({"recipe": recipe_identity, "tokenizer": tok_digest,
                                        "code": version}))
-    for e in the_plan.entries:
-        h.update(canonical_json([e.ref.location, e.copy]))
+    for start in range(0, len(the_plan), _BATCH):
+        rows = the_plan.rows[start:start + _BATCH]
+        copies = the_plan.copies[start:start + _BATCH].tolist()
+        for location, copy in zip(the_plan.records_table.locations(rows), copies):
+            h.update(f"{len(location)}:{location}{copy}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
@@ -615,26 +848,64 @@ def _done_marker(out_uri: str, shard: int, shard_plan: str) -> dict | None:
     return _light(marker)
 
 
-def _dedup(recipe: Recipe, the_plan: Plan, scanned: list[Scanned]) -> tuple[list[PlanEntry], list[dict]]:
-    """Survivors in plan order, and reject rows for everything else (unreadable ones first)."""
+class ScanResults:
+    """The scan's results on the driver, as columns: each planned sample's 16-byte dedup key,
+    and the reason of each reject (rejects only)."""
+
+    def __init__(self, n: int):
+        self.keys = np.zeros((n, 16), dtype=np.uint8)
+        self.rejected: dict[int, tuple[str, str]] = {}
+
+    def add(self, part: list[Scanned]) -> None:
+        for r in part:
+            if r.reason is None:
+                self.keys[r.index] = np.frombuffer(r.key, dtype=np.uint8)
+            else:
+                self.rejected[r.index] = (r.reason, r.detail)
+
+
+def _dedup(recipe: Recipe, the_plan: Plan, results: ScanResults) -> tuple[np.ndarray, list[dict]]:
+    """Plan indices of the survivors, in plan order, and reject rows for everything else
+    (unreadable ones first, then in plan order).
+
+    Of the accepted samples that share a dedup key, the record that comes first in the corpus
+    (sources in recipe order, records in source order) is kept, whatever the seed; the others
+    are duplicates of it (the copies of one record, weight > 1, are not duplicates of each
+    other)."""
     rejects = [{"source": u.source, "source_id": None, "location": u.location, "copy": 0,
                 "reason": u.code, "detail": u.detail} for u in the_plan.unreadable]
-    first_seen: dict[bytes, int] = {}  # dedup key -> plan index of its first sample
-    survivors = []
-    for entry, result in zip(the_plan.entries, scanned):
-        ref = entry.ref
-        reason, detail = result.reason, result.detail
-        if reason is None and recipe.dedup:
-            owner = the_plan.entries[first_seen.setdefault(result.key, entry.index)].ref
-            # the copies of one record (weight > 1) are not duplicates of each other
-            if (owner.source, owner.ordinal) != (ref.source, ref.ordinal):
-                reason, detail = "duplicate", f"same images and text as {owner.location}"
-        if reason is None:
-            survivors.append(entry)
-        else:
+    n = len(the_plan)
+    accepted = np.ones(n, dtype=bool)
+    accepted[list(results.rejected)] = False
+    duplicate = np.zeros(n, dtype=bool)
+    owner = np.full(n, -1, dtype=np.int64)
+    if recipe.dedup and accepted.any():
+        idx = np.flatnonzero(accepted)
+        key = np.ascontiguousarray(results.keys[idx]).view(">u8").reshape(-1, 2)
+        rows = the_plan.rows[idx]
+        # Group equal keys, each group in corpus order; its first record owns the key.
+        order = np.lexsort((rows, key[:, 1], key[:, 0]))
+        k = key[order]
+        starts = np.ones(len(order), dtype=bool)
+        starts[1:] = (k[1:] != k[:-1]).any(axis=1)
+        owners = np.empty_like(idx)
+        owners[order] = idx[order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]]
+        dup = the_plan.rows[owners] != the_plan.rows[idx]
+        duplicate[idx[dup]] = True
+        owner[idx[dup]] = owners[dup]
+    bad = np.flatnonzero(~accepted | duplicate)
+    for start in range(0, len(bad), _BATCH):
+        part = bad[start:start + _BATCH]
+        for entry in the_plan.take(part):
+            ref, i = entry.ref, entry.index
+            if duplicate[i]:
+                where = the_plan.records_table.locations(the_plan.rows[[owner[i]]])[0]
+                reason, detail = "duplicate", f"same images and text as {where}"
+            else:
+                reason, detail = results.rejected[i]
             rejects.append({"source": ref.source, "source_id": ref.record_id, "location": ref.location,
                             "copy": entry.copy, "reason": reason, "detail": detail})
-    return survivors, rejects
+    return np.flatnonzero(accepted & ~duplicate), rejects
 
 
 def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: list[dict]) -> None:
@@ -644,7 +915,7 @@ def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: 
     copies of the records that could be split out (records x weight) and `unreadable` the parts
     that could not. With weight 1 that is `accepted + rejected == records`.
     """
-    selected = Counter(e.ref.source for e in the_plan.entries)
+    selected = the_plan.selected()
     unreadable = Counter(u.source for u in the_plan.unreadable)
     rejected = Counter(r["source"] for r in rejects)
     for source in recipe.sources:
@@ -729,7 +1000,7 @@ def _commit(recipe: Recipe, out_uri: str, the_plan: Plan, shards: list[dict], re
 
 def _counts(recipe: Recipe, the_plan: Plan, totals: dict[str, list[int]], rejects: list[dict],
             n_shards: int) -> dict[str, Any]:
-    selected = Counter(e.ref.source for e in the_plan.entries)
+    selected = the_plan.selected()
     by_source: dict[str, Any] = {}
     reasons: dict[str, Counter] = defaultdict(Counter)
     for r in rejects:

@@ -48,11 +48,12 @@ def test_each_record_is_read_once_and_written_from_the_scan_cache(tmp_path, big_
     assert len(the_plan.entries) > 4 * b.SCAN_CHUNK  # several chunks, so shards span chunks
     chunks = [the_plan.entries[i:i + b.SCAN_CHUNK]
               for i in range(0, len(the_plan.entries), b.SCAN_CHUNK)]
-    scanned = [s for k, c in enumerate(chunks)
-               for s in b.scan_chunk(recipe, c, b._chunk_uri(out, k))]
+    results = b.ScanResults(len(the_plan))
+    for k, c in enumerate(chunks):
+        results.add(b.scan_chunk(recipe, c, b._chunk_uri(out, k)))
     assert set(reads.values()) == {1} and len(reads) == len(the_plan.entries)
 
-    survivors, _ = b._dedup(recipe, the_plan, scanned)
+    survivors = the_plan.take(b._dedup(recipe, the_plan, results)[0])
     spp = recipe.samples_per_shard
     markers = [b.write_shard(recipe, out, s, start, survivors[start:start + spp], f"plan-{s}")
                for s, start in enumerate(range(0, len(survivors), spp))]
