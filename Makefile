@@ -18,6 +18,9 @@ export OMP_NUM_THREADS ?= 1
 # PYTHONDONTWRITEBYTECODE (set in some images) would turn into a ~10 s recompile per process.
 unexport PYTHONDONTWRITEBYTECODE
 
+# lmms-eval without its declared dependencies (pyproject.toml's `eval` extra says why).
+LMMS_EVAL := lmms-eval==0.7.3
+
 .PHONY: setup demo test test-quick clean
 
 setup: $(VENV)/.installed
@@ -25,7 +28,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q --no-compile $(PIP_C) -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile $(PIP_C) -e '.[test,eval]'
+	$(BIN)/python -m pip install -q --no-compile --no-deps $(PIP_C) $(LMMS_EVAL)
 	touch $@
 
 demo: setup
