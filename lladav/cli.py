@@ -62,11 +62,13 @@ def _known_errors() -> Iterator[None]:
     from lladav.lineage import LineageError, TrackingError
     from lladav.secrets import scrub
     from lladav.storage import StorageError
+    from lladav.suites import SuiteError
 
     try:
         yield
     except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
-            TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost, ViewError) as e:
+            TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost, ViewError,
+            SuiteError) as e:
         # soft_wrap: one line per message, whatever the width, for logs and grep
         console.print(f"[bold red]error:[/] {escape(scrub(str(e)))}", highlight=False,
                       soft_wrap=True)
@@ -326,7 +328,10 @@ def base_init(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Exported LLaDA-V folder or URI."),
-    data: str = typer.Option(..., "--data", help="Test set: LLaVA .json/.jsonl or .parquet; the last assistant turn of each record is the expected answer."),
+    data: str = typer.Option(None, "--data", help="Test set: LLaVA .json/.jsonl or .parquet; the last assistant turn of each record is the expected answer."),
+    suite: str = typer.Option(None, "--suite", help="Run an lmms-eval suite instead: cpu_mini (over --data) or llada_v_paper."),
+    tasks: str = typer.Option(None, "--tasks", help="With --suite: a comma-separated subset of its tasks."),
+    out: Path = typer.Option(None, "--out", help="With --suite: where lmms-eval's logs go (default: a temporary folder)."),
     image_root: str = typer.Option(None, "--image-root", help="Where relative image paths resolve (default: the file's folder)."),
     scoring: str = typer.Option("exact", "--scoring", help="exact | choice | contains | regex"),
     tag: str = typer.Option(None, "--tag", help="Appended to every user turn, as a recipe's `tag` was in training."),
@@ -339,8 +344,16 @@ def eval_cmd(
     group_by: str = typer.Option(None, "--group-by", help="A record field to break accuracy down by."),
     samples_out: Path = typer.Option(None, "--samples", help="Write every answer as JSON here."),
 ) -> None:
-    """Answer a test set with an export and score it: accuracy, per-class table, confusions."""
+    """Answer a test set with an export and score it: accuracy, per-class table, confusions.
+    With --suite, run lmms-eval's CLI on the export instead (lladav/suites/)."""
     import json
+
+    if suite is not None:
+        _eval_suite(model, suite, data, tasks, out, image_root, limit, threshold)
+        return
+    if data is None:
+        console.print("[red]--data (the test set) is required without --suite[/]")
+        raise typer.Exit(2)
 
     from lladav.evaluate import evaluate
     from lladav.inference import SamplerSettings
@@ -440,7 +453,14 @@ def pipeline_run(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) ->
             steps = run(pipe, progress=bars, say=lambda m: console.print(m, highlight=False))
         console.print(_plan_table(steps))
         for p in steps:
-            if p.kind == "eval":
+            if p.kind == "eval" and "suite" in p.record["outputs"]:
+                out = p.record["outputs"]
+                for task, scores in out["scores"].items():
+                    st = out["stats"].get(task, {})
+                    per = f", {st['seconds'] / st['n']:.2f} s/sample" if st.get("n") else ""
+                    console.print(f"[bold]{p.name}: {task}[/] " + ", ".join(
+                        f"{m} {v:.3f}" for m, v in scores.items()) + per, highlight=False)
+            elif p.kind == "eval":
                 out = p.record["outputs"]
                 console.print(f"[bold]{p.name}: accuracy {out['accuracy']:.1%}[/] on {out['n']} "
                               f"records of {out.get('data', 'the test set')} (chance "
@@ -450,6 +470,24 @@ def pipeline_run(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) ->
             export = last[-1].record["outputs"]["export"]
             console.print(f"\n[bold]lineage of {export}")
             console.print(lineage.render_tree(lineage.show(export, pipe.mlflow.tracking_uri)))
+
+
+def _eval_suite(model: str, suite: str, data: str | None, tasks: str | None, out: Path | None,
+                image_root: str | None, limit: int | None, threshold: float | None) -> None:
+    import tempfile
+
+    from lladav.suites import run_suite
+
+    with _known_errors(), tempfile.TemporaryDirectory() as tmp:
+        result = run_suite(model, suite, out or tmp, data=data, image_root=image_root, limit=limit,
+                           tasks=tasks.split(",") if tasks else None, threshold=threshold)
+        for task, scores in result.scores.items():
+            st = result.stats.get(task, {})
+            per = (f", {st['seconds'] / st['n']:.2f} s/sample, "
+                   f"{st['forward_passes'] / st['n']:.2f} forward passes/answer" if st.get("n") else "")
+            console.print(f"[bold]{task}[/] " + ", ".join(f"{m} {v:.3f}" for m, v in scores.items())
+                          + per, highlight=False)
+        console.print(f"lmms-eval: {result.wall_seconds:.1f} s" + (f"; logs in {out}" if out else ""))
 
 
 @lineage_app.command("show")

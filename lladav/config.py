@@ -636,9 +636,19 @@ class EvalStep(_Step):
     kind: Literal["eval"]
     model: str
     """The stage step whose export is evaluated."""
-    data: str
+    data: str | None = None
     """The test set: a LLaVA .json/.jsonl or .parquet file/URI whose records end with the
-    expected answer as their last assistant turn; or a synth step's name (its heldout.json)."""
+    expected answer as their last assistant turn; or a synth step's name (its heldout.json).
+    Required, except with `suite: llada_v_paper` (lmms-eval's own datasets)."""
+    suite: Literal["cpu_mini", "llada_v_paper"] | None = None
+    """Run an lmms-eval suite (lladav/suites/) instead of lladav's own scoring: `cpu_mini` (two
+    tasks over `data`, offline on a CPU) or `llada_v_paper` (the paper's 17 tasks with their
+    settings; needs lmms-eval's datasets, a cluster's job). Scores, seconds per sample and
+    forward passes per answer go to MLflow per task."""
+    tasks: list[str] | None = None
+    """With `suite`: run only these of its tasks."""
+    prefix_cache: bool = False
+    """With `suite`: the sampler's prefix cache."""
     image_root: str | None = None
     """Folder relative image paths resolve against (default: the test file's folder)."""
     scoring: Literal["exact", "choice", "contains", "regex"] = "exact"
@@ -665,9 +675,24 @@ class EvalStep(_Step):
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     """Fail the step (and the pipeline) below this accuracy."""
 
+    @model_validator(mode="after")
+    def _suite_needs(self) -> "EvalStep":
+        if self.data is None and self.suite != "llada_v_paper":
+            raise ValueError("`data` (the test set) is required" + (
+                f" by suite {self.suite}" if self.suite else ""))
+        if self.tasks is not None:
+            if self.suite is None:
+                raise ValueError("`tasks` needs a `suite`")
+            from lladav.suites import suite_tasks
+
+            known = suite_tasks(self.suite)
+            if unknown := [t for t in self.tasks if t not in known]:
+                raise ValueError(f"suite {self.suite} has no task(s) {unknown}; its tasks: {known}")
+        return self
+
     def refs(self) -> dict[str, str]:
         out = {"model": self.model}
-        if is_step_name(self.data) and "://" not in self.data:
+        if self.data is not None and is_step_name(self.data) and "://" not in self.data:
             out["data"] = self.data
         return out
 

@@ -357,12 +357,43 @@ def _stage_node(client: Any, run: Any, seen: set[str]) -> Node:
         mix = Node("mixture", f"mixture {ds.dataset.name}", f"{itags.get(f'{PREFIX}digest', ds.dataset.digest)} · {uri}")
         mix.children = _mixture_sources(uri)
         node.children.append(mix)
+    if export := tags.get(f"{PREFIX}export"):
+        node.children += _eval_nodes(client, export)
     parent = tags.get(f"{PREFIX}parent_run")
     if parent and parent not in seen:
         node.children.append(_stage_node(client, client.get_run(parent), seen))
     elif tags.get(f"{PREFIX}init"):
         node.children.append(Node("init", "init", tags[f"{PREFIX}init"]))
     return node
+
+
+def _eval_nodes(client: Any, export: str) -> list[Node]:
+    """The finished eval runs of an export, newest first, with their scores: accuracy for
+    lladav's own scoring; per task score, s/sample and forward passes per answer for a suite."""
+    runs = client.search_runs(_experiment_ids(client),
+                              filter_string=f"tags.`{PREFIX}evaluated_export` = '{export}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    nodes = []
+    for run in runs:
+        m, tags = run.data.metrics, run.data.tags
+        if suite := tags.get(f"{PREFIX}suite"):
+            tasks = sorted({k.split("/", 1)[0] for k in m if "/" in k})
+            parts = []
+            for t in tasks:
+                scores = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items())
+                          if k.startswith(t + "/") and k.split("/", 1)[1] not in
+                          ("seconds_per_sample", "forward_passes_per_answer")]
+                extra = (f", {m[f'{t}/seconds_per_sample']:.2f} s/sample, "
+                         f"{m[f'{t}/forward_passes_per_answer']:.1f} passes/answer"
+                         if f"{t}/seconds_per_sample" in m else "")
+                parts.append(f"{t}: {', '.join(scores)}{extra}")
+            detail = f"suite {suite} · " + " · ".join(parts)
+        else:
+            detail = f"accuracy {m.get('accuracy', float('nan')):.3f} on {tags.get(f'{PREFIX}test_set', '?')}"
+        nodes.append(Node("eval", f"eval {tags.get(f'{PREFIX}step', run.info.run_name)}",
+                          f"{detail} · run {run.info.run_id}", run.info.run_id))
+    return nodes
 
 
 def show(ref: str, tracking_uri: str | None = None) -> Node:
@@ -385,7 +416,8 @@ def render_tree(node: Node) -> Any:
     """A rich Tree of `node` for the terminal."""
     from rich.tree import Tree
 
-    style = {"export": "bold", "mixture": "cyan", "source": "green", "init": "magenta"}
+    style = {"export": "bold", "mixture": "cyan", "source": "green", "init": "magenta",
+             "eval": "yellow"}
 
     def add(tree: Any, n: Node) -> None:
         branch = tree.add(f"[{style.get(n.kind, '')}]{scrub(n.label)}[/]  [dim]{scrub(n.detail)}[/]")

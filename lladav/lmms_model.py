@@ -22,6 +22,9 @@ suite uses generation only).
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 from lmms_eval.api.instance import Instance
@@ -90,12 +93,19 @@ class LLaDAV(lmms):
     an exported LLaDA-V folder (local or s3://). Batch size 1, on the CPU or the first GPU."""
 
     def __init__(self, pretrained: str, threshold: float | None = None, prefix_cache: bool = False,
-                 think_mode: str | None = None, batch_size: int = 1, device: str | None = None,
-                 **kwargs: Any) -> None:
+                 think_mode: str | None = None, suite: str | None = None, stats: str | None = None,
+                 batch_size: int = 1, device: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
             raise LmmsRequestError(f"lladav: unknown --model_args {sorted(kwargs)}; expected "
-                                   "pretrained, threshold, prefix_cache, think_mode, batch_size, device")
+                                   "pretrained, threshold, prefix_cache, think_mode, suite, stats, "
+                                   "batch_size, device")
+        if suite is not None:
+            from lladav.suites import suite_settings
+
+            suite_settings(suite)  # an unknown suite fails here, naming the known ones
+        self.suite, self.stats_path = suite, stats
+        self.stats: dict[str, dict[str, float]] = {}
         import torch
 
         from lladav.inference import load
@@ -115,6 +125,8 @@ class LLaDAV(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             where = f"task {task}, doc {doc_id}"
             kwargs = dict(gen_kwargs or {})
+            if self.suite is not None:
+                kwargs = self._with_suite(kwargs, task, where)
             if self.think_mode and "think_mode" not in kwargs:
                 kwargs["think_mode"] = self.think_mode
             settings, tag, stops = request_settings(kwargs, where, **self.defaults)
@@ -125,12 +137,33 @@ class LLaDAV(lmms):
                 raise LmmsRequestError(f"{where}: the prompt has {marks} {IMAGE} placeholders "
                                        f"for {len(images)} images")
             # No placeholders: the template puts them before the question, as `lladav eval` does.
+            start = time.perf_counter()
             result = answer(self.model, self.tok, images, context, settings, tag=tag)
+            st = self.stats.setdefault(task, {"n": 0, "seconds": 0.0, "forward_passes": 0})
+            st["n"] += 1
+            st["seconds"] += time.perf_counter() - start
+            st["forward_passes"] += result.forward_passes
             self.forward_passes.append(result.forward_passes)
             text = cut_at_stops(result.text, stops)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        if self.stats_path:  # rewritten after every batch of requests: complete at the end
+            Path(self.stats_path).write_text(json.dumps(self.stats, indent=1, sort_keys=True))
         return out
+
+    def _with_suite(self, kwargs: dict[str, Any], task: str, where: str) -> dict[str, Any]:
+        """The request's kwargs under the suite's settings for its task, as the reference's
+        --gen_kwargs update a task's generation_kwargs (stop strings are joined)."""
+        from lladav.suites import settings_for_task
+
+        mine = settings_for_task(self.suite, task)
+        if mine is None:
+            raise LmmsRequestError(f"{where}: suite {self.suite} has no settings for task {task}")
+        merged = {**kwargs, **mine}
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        merged["until"] = until + [u for u in mine.get("until", []) if u not in until]
+        return merged
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(

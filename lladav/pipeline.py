@@ -130,7 +130,8 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
             geometries[step.name] = _check_view_geometry(p, geometries)
         if isinstance(step, StageStep):
             towers[step.name] = _check_stage_geometry(p, up, towers, geometries)
-        unchecked = _check_test_set(step) if isinstance(step, EvalStep) and "data" not in up else None
+        unchecked = (_check_test_set(step) if isinstance(step, EvalStep) and "data" not in up
+                     and step.data is not None else None)
         _read_state(p, root)
         if unchecked and p.state != "done":
             p.state, p.record = "unknown", {"error": unchecked}
@@ -593,6 +594,8 @@ def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     lin.set_tags(run_id, {"lladav.parent_run": model["run_id"], "lladav.evaluated_export": export,
                           "lladav.test_set": step.data})
     lin.log_config(run_id, "eval", step.model_dump(mode="json"))
+    if step.suite is not None:
+        return _run_suite(p, ctx, run_id, export)
     settings = SamplerSettings(gen_length=step.gen_length,
                                block_length=step.block_length or step.gen_length,
                                steps=step.steps or step.gen_length, remasking=step.remasking,
@@ -616,6 +619,35 @@ def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
                            f"below min_accuracy {step.min_accuracy:.0%}")
     return {"accuracy": result.accuracy, "n": result.n, "chance": result.chance, "export": export,
             "data": step.data}
+
+
+def _run_suite(p: PlannedStep, ctx: RunContext, run_id: str, export: str) -> dict[str, Any]:
+    """An eval step with `suite`: lmms-eval's CLI on the export (suites.run_suite); per-task
+    scores, seconds per sample and forward passes per answer as metrics, lmms-eval's results
+    and sample logs as artifacts."""
+    import tempfile
+
+    from lladav.suites import run_suite
+
+    step: EvalStep = p.config
+    lin = ctx.lineage
+    lin.set_tags(run_id, {"lladav.suite": step.suite})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_suite(export, step.suite, tmp, data=step.data, tasks=step.tasks,
+                           image_root=step.image_root, limit=step.limit,
+                           threshold=step.threshold, prefix_cache=step.prefix_cache)
+        lin.log_metrics(run_id, result.metrics(), step=0)
+        for f in result.files:
+            lin.log_file(run_id, str(f), "lmms_eval")
+        lin.log_file(run_id, str(Path(tmp) / "lmms_eval.log"), "lmms_eval")
+    if step.min_accuracy is not None:
+        low = {t: s["accuracy"] for t, s in result.scores.items()
+               if "accuracy" in s and s["accuracy"] < step.min_accuracy}
+        if low:
+            raise RuntimeError(f"eval {p.name}: suite {step.suite} below min_accuracy "
+                               f"{step.min_accuracy:.0%} on {low}")
+    return {"suite": step.suite, "scores": result.scores, "stats": result.stats,
+            "export": export, "data": step.data}
 
 
 MAX_CLASS_METRICS = 50

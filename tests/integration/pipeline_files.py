@@ -15,7 +15,7 @@ SOURCES = {"stage1": ("captions", "captions.json"), "stage2": ("qa", "qa.json"),
 
 def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str | None,
                    steps: int = 3, every: int = 2, stage2: dict[str, Any] | None = None,
-                   eval_limit: int = 3, name: str = "ptest") -> Path:
+                   eval_limit: int = 3, name: str = "ptest", suite: bool = False) -> Path:
     """Recipes, stage YAMLs and pipeline.yaml under `root`; returns the pipeline's path.
     `corpus` is a synth_all folder (corpus/, tokenizer/)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,9 @@ def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str 
             {"name": "eval", "kind": "eval", "model": "stage3",
              "data": str(corpus / "corpus" / "heldout.json"), "tag": "/no_think",
              "limit": eval_limit, "gen_length": 4},
-        ]}
+        ] + ([{"name": "suite", "kind": "eval", "model": "stage3", "suite": "cpu_mini",
+               "data": str(corpus / "corpus" / "heldout.json"), "limit": eval_limit}]
+             if suite else [])}
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path

@@ -54,7 +54,8 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     host = mlflow_server.url.split("://", 1)[1]
     # ...and one pasted into the config itself, as users do with URLs
     tracking = f"http://lladav:{SECRET}@{host}"
-    path = write_pipeline(tmp_path / "p", synth_dir, storage=f"{s3_bucket}/pipe", tracking_uri=tracking)
+    path = write_pipeline(tmp_path / "p", synth_dir, storage=f"{s3_bucket}/pipe", tracking_uri=tracking,
+                          suite=True)
     client = MlflowClient(mlflow_server.url)
 
     first = {p.name: p for p in run(load_pipeline(path))}
@@ -64,12 +65,28 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     assert evaluation["export"] == first["stage3"].record["outputs"]["export"]
     assert first["stage3"].record["outputs"]["export"].startswith(s3_bucket)
 
+    # the cpu_mini suite through lmms-eval's CLI: scores, s/sample and forward passes in MLflow
+    suite = first["suite"].record
+    assert set(suite["outputs"]["scores"]) == {"cpu_mini_mc", "cpu_mini_short"}
+    assert {t: s["n"] for t, s in suite["outputs"]["stats"].items()} == {"cpu_mini_mc": 3,
+                                                                       "cpu_mini_short": 3}
+    metrics = client.get_run(suite["run_id"]).data.metrics
+    assert 0.0 <= metrics["cpu_mini_mc/accuracy"] <= 1.0 and metrics["cpu_mini_mc/seconds_per_sample"] > 0
+    assert metrics["cpu_mini_mc/forward_passes_per_answer"] <= 2  # 2 tokens, 2 steps
+    logged = {a.path for a in client.list_artifacts(suite["run_id"], "lmms_eval")}
+    assert any(p.endswith("_samples_cpu_mini_mc.jsonl") for p in logged), logged
+
     # lineage show: the three stage runs, their mixtures' digests and the source corpora
     export = first["stage3"].record["outputs"]["export"]
     tree = lineage.show(export, mlflow_server.url)
     stages = lineage.stages_in(tree)
     assert [n.run_id for n in stages] == [first[s].record["run_id"] for s in ("stage3", "stage2", "stage1")]
     text = json.dumps(tree, default=vars)
+    evals = [n for n in tree.children if n.kind == "eval"]
+    assert {n.run_id for n in evals} == {first["eval"].record["run_id"], suite["run_id"]}
+    detail = next(n.detail for n in evals if n.run_id == suite["run_id"])
+    assert detail.startswith("suite cpu_mini · cpu_mini_mc: accuracy ") and "s/sample" in detail
+    assert "cpu_mini_short: accuracy " in detail
     for mix, (source, file) in zip(("mix-stage1", "mix-stage2", "mix-stage3"),
                                    (("captions", "captions.json"), ("qa", "qa.json"),
                                     ("reasoning", "reasoning.json"))):
@@ -113,10 +130,10 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     third = {p.name: p for p in run(load_pipeline(path))}
     after = done_bytes(third.values())
-    assert {k for k in before if before[k] != after[k]} == {"stage2", "stage3", "eval"}
+    assert {k for k in before if before[k] != after[k]} == {"stage2", "stage3", "eval", "suite"}
     old_ids = {json.loads(b)["run_id"] for b in before.values()}
     new_runs = [r for r in step_runs(client, "ptest") if r.info.run_id not in old_ids]
-    assert sorted(r.data.tags["lladav.step"] for r in new_runs) == ["eval", "stage2", "stage3"]
+    assert sorted(r.data.tags["lladav.step"] for r in new_runs) == ["eval", "stage2", "stage3", "suite"]
     rerun2 = client.get_run(third["stage2"].record["run_id"])
     assert rerun2.data.tags["lladav.parent_run"] == first["stage1"].record["run_id"]
     assert rerun2.data.params["stage.trainable.language_model"] == "0.001"

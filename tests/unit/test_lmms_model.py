@@ -89,3 +89,28 @@ def test_loglikelihood_is_refused_with_the_reason(model):
 def test_unknown_model_args_fail(random_export):
     with pytest.raises(LmmsRequestError, match=r"unknown --model_args \['temprature'\]"):
         LLaDAV(pretrained=str(random_export), temprature=0)
+
+
+def test_an_eval_step_with_a_suite_is_checked_when_the_pipeline_is_read():
+    from pydantic import ValidationError
+
+    from lladav.config import EvalStep
+
+    ok = EvalStep.model_validate({"name": "p", "kind": "eval", "model": "s", "suite": "llada_v_paper",
+                                  "tasks": ["chartqa", "mme"]})
+    assert ok.data is None and ok.refs() == {"model": "s"}
+    with pytest.raises(ValidationError, match=r"suite llada_v_paper has no task\(s\) \['chart_qa'\]"):
+        EvalStep.model_validate({"name": "p", "kind": "eval", "model": "s",
+                                 "suite": "llada_v_paper", "tasks": ["chart_qa"]})
+    with pytest.raises(ValidationError, match="`data` .* is required by suite cpu_mini"):
+        EvalStep.model_validate({"name": "p", "kind": "eval", "model": "s", "suite": "cpu_mini"})
+    with pytest.raises(ValidationError, match="`data` .* is required"):
+        EvalStep.model_validate({"name": "p", "kind": "eval", "model": "s"})
+
+
+def test_suite_settings_reach_every_subtask_of_a_group():
+    from lladav.suites import settings_for_task
+
+    assert settings_for_task("llada_v_paper", "mathverse_testmini_vision_intensive")["gen_steps"] == 32
+    assert settings_for_task("llada_v_paper", "chartqa")["until"] == ["\n"]
+    assert settings_for_task("llada_v_paper", "ocrbench") is None

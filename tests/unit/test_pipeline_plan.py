@@ -130,6 +130,9 @@ def test_the_papers_pipeline_plans_typed_and_chained(monkeypatch):
         assert after.config.trainable.vision_tower == 2e-6 and after.config.trainable.language_model == 1e-5
     for p in stages:
         assert p.config.mixture.endswith("/mixture") and steps[p.step.mixture].kind == "data"
+    # it ends with the paper's lmms-eval suite on the last stage's export
+    last = list(steps.values())[-1]
+    assert (last.kind, last.step.suite, last.step.model) == ("eval", "llada_v_paper", "stage3b")
     # the CLI validates it without storage credentials: states are "unknown", exit 0
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
@@ -137,6 +140,7 @@ def test_the_papers_pipeline_plans_typed_and_chained(monkeypatch):
     result = CliRunner().invoke(app, ["pipeline", "plan", str(REPO / "pipelines" / "llada_v.yaml")])
     assert result.exit_code == 0, result.output
     assert "stage3b" in result.output and "the configs are valid" in result.output
+    assert "paper" in result.output
 
 
 def test_a_broken_reference_in_the_papers_pipeline_exits_2(tmp_path):
@@ -145,7 +149,7 @@ def test_a_broken_reference_in_the_papers_pipeline_exits_2(tmp_path):
     from lladav.cli import app
 
     data = yaml.safe_load((REPO / "pipelines" / "llada_v.yaml").read_text())
-    data["steps"][-2]["init"] = "stage9"
+    next(s for s in data["steps"] if s["name"] == "stage3b")["init"] = "stage9"
     bad = REPO / "pipelines" / f".bad-{tmp_path.name}.yaml"
     bad.write_text(yaml.safe_dump(data))
     try:
