@@ -44,7 +44,7 @@ _DRIVER = textwrap.dedent('''
             res.append(b.Scanned(e.index, key=hashlib.sha256(str(text).encode()).digest()[:16]))
         return res
 
-    def fake_write(recipe, out_uri, shard, first_key, entries, shard_plan):
+    def fake_write(recipe, out_uri, shard, first_key, entries, shard_plan, chunk_size):
         name = mf.shard_name(shard)
         rows = [{"key": f"{first_key + i:09d}", "shard": name, "source": e.ref.source,
                  "source_id": e.ref.record_id, "location": e.ref.location, "copy": e.copy,

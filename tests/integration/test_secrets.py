@@ -206,15 +206,16 @@ def test_server_dying_mid_stage_leaks_nothing(canary, dirs, synth_dir):
                                         cwd=dirs["work"], stdout=stdout, stderr=stderr,
                                         start_new_session=True)
 
-        proc, relaunched = launch(), False
+        proc, launches = launch(), 1
         try:
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:  # the workers have logged a step: kill the server
-                if proc.poll() is not None and not relaunched and RAY_START_TIMEOUT in err.read_text():
+                if proc.poll() is not None and launches < 3 and RAY_START_TIMEOUT in err.read_text():
                     # The run starts its own Ray cluster (its session dir is checked below), and
                     # Ray gives a raylet 30 s to register, hard-coded: beside the other xdist
-                    # workers' clusters on 2 cores that can run out. Once, the run starts over.
-                    proc, relaunched = launch(), True
+                    # workers' clusters and builds on 2 cores that can run out (seen twice in a
+                    # row in CI, beside the 100k-record build). Up to twice, the run starts over.
+                    proc, launches = launch(), launches + 1
                     continue
                 assert proc.poll() is None, out.read_text()[-3000:] + err.read_text()[-3000:]
                 if storage.exists(started):
