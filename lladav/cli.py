@@ -454,12 +454,11 @@ def pipeline_run(pipeline: Path = typer.Argument(..., help="Pipeline YAML.")) ->
         console.print(_plan_table(steps))
         for p in steps:
             if p.kind == "eval" and "suite" in p.record["outputs"]:
+                from lladav.suites import score_lines
+
                 out = p.record["outputs"]
-                for task, scores in out["scores"].items():
-                    st = out["stats"].get(task, {})
-                    per = f", {st['seconds'] / st['n']:.2f} s/sample" if st.get("n") else ""
-                    console.print(f"[bold]{p.name}: {task}[/] " + ", ".join(
-                        f"{m} {v:.3f}" for m, v in scores.items()) + per, highlight=False)
+                for line in score_lines(out["scores"], out["stats"]):
+                    console.print(f"[bold]{p.name}:[/] {line}", highlight=False)
             elif p.kind == "eval":
                 out = p.record["outputs"]
                 console.print(f"[bold]{p.name}: accuracy {out['accuracy']:.1%}[/] on {out['n']} "
@@ -476,17 +475,13 @@ def _eval_suite(model: str, suite: str, data: str | None, tasks: str | None, out
                 image_root: str | None, limit: int | None, threshold: float | None) -> None:
     import tempfile
 
-    from lladav.suites import run_suite
+    from lladav.suites import run_suite, score_lines
 
     with _known_errors(), tempfile.TemporaryDirectory() as tmp:
         result = run_suite(model, suite, out or tmp, data=data, image_root=image_root, limit=limit,
                            tasks=tasks.split(",") if tasks else None, threshold=threshold)
-        for task, scores in result.scores.items():
-            st = result.stats.get(task, {})
-            per = (f", {st['seconds'] / st['n']:.2f} s/sample, "
-                   f"{st['forward_passes'] / st['n']:.2f} forward passes/answer" if st.get("n") else "")
-            console.print(f"[bold]{task}[/] " + ", ".join(f"{m} {v:.3f}" for m, v in scores.items())
-                          + per, highlight=False)
+        for line in score_lines(result.scores, result.stats):
+            console.print(line, highlight=False)
         console.print(f"lmms-eval: {result.wall_seconds:.1f} s" + (f"; logs in {out}" if out else ""))
 
 

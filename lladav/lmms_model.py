@@ -30,9 +30,9 @@ from typing import Any
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from lladav.data.conversation import IMAGE
 from lladav.inference import SamplerSettings
 
-IMAGE = "<image>"
 GREEDY_DEFAULTS = {"do_sample": (False, None), "num_beams": (1, None), "top_p": (None, 1.0, 0, 0.0),
                    "top_k": (None, 0), "image_aspect_ratio": None, "max_length": None}
 OUR_KEYS = ("gen_length", "block_length", "gen_steps", "steps", "think_mode", "until",

@@ -84,6 +84,18 @@ class SuiteResult:
         return out
 
 
+def score_lines(scores: dict[str, dict[str, float]],
+                stats: dict[str, dict[str, float]]) -> list[str]:
+    """One line per task: its scores, seconds per sample and forward passes per answer."""
+    lines = []
+    for task, values in scores.items():
+        st = stats.get(task, {})
+        per = (f", {st['seconds'] / st['n']:.2f} s/sample, "
+               f"{st['forward_passes'] / st['n']:.2f} forward passes/answer" if st.get("n") else "")
+        lines.append(f"{task} " + ", ".join(f"{m} {v:.3f}" for m, v in values.items()) + per)
+    return lines
+
+
 def run_suite(export: str, suite: str, out_dir: str | Path, *, data: str | None = None,
               tasks: list[str] | None = None, image_root: str | None = None,
               limit: int | None = None, threshold: float | None = None,
