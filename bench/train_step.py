@@ -207,10 +207,10 @@ def bare_loop(stage_json: str, result_path: str) -> None:
     engine = eng.initialize(model, groups, ds_config, total_steps=stage.max_steps,
                             warmup_ratio=stage.warmup_ratio, betas=stage.betas,
                             eps=stage.adam_eps, weight_decay=stage.weight_decay)
-    masking = torch.Generator().manual_seed(stage.seed * 1000)
     clock, steps = [time.perf_counter()], []
     for step, batch in enumerate(batches, 1):
-        loss, metrics = diffusion_step(engine.module, batch, masking, loader.aspect)
+        loss, metrics = diffusion_step(engine.module, batch, stage.seed, loader.aspect,
+                                       stage.objective)
         engine.backward(loss)
         engine.step()
         clock.append(time.perf_counter())

@@ -367,6 +367,43 @@ class ShardCacheSettings(StrictModel):
     block_shards hides the download of a new block; 0 fetches on demand only."""
 
 
+class Objective(StrictModel):
+    """The masked-diffusion objective of a stage (diffusion.py, train/step.py). The defaults are
+    the paper's: one mask per sample, t ~ U[0, 1). Masks are always drawn per sample from
+    (stage seed, epoch, sample key), so they are the same at any world size or worker count."""
+
+    complementary: bool = False
+    """Two disjoint masks per sample (LaViDa's complementary masking): the second masks exactly
+    the targets the first left visible, with weight 1/(1 - p). The vision tower and projector run
+    once per sample; the language model sees both copies in one pass (2x its tokens)."""
+    t_range: tuple[float, float] = (0.0, 1.0)
+    """t ~ U[lo, hi) (then p = (1 - 1e-3) t + 1e-3). A narrower range trains fewer noise levels."""
+    head_chunk: int = Field(default=1024, ge=1)
+    """Masked rows per chunk of the LM head and its cross-entropy (model/head.py): memory of the
+    loss step is a few (head_chunk, vocab) fp32 blocks, whatever the sequence length."""
+
+    @model_validator(mode="after")
+    def _range(self) -> "Objective":
+        lo, hi = self.t_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"t_range {self.t_range}: need 0 <= lo < hi <= 1")
+        return self
+
+
+class Packing(StrictModel):
+    """Several samples per sequence under a token budget (data/loader.py packs, train/step.py
+    keeps each sample to itself): attention is block-diagonal per sample, RoPE positions restart
+    at 0 for each, and the loss is normalised per sample exactly as unpacked. Needs the eos_tail
+    end-of-answer policy (pad_to_longest pads to a batch's longest sample, which packing removes)."""
+
+    token_budget: int = Field(ge=8)
+    """Most spliced tokens (text, image tokens and EOS tail) in one packed sequence; a longer
+    sample is an error naming it."""
+    window: int = Field(default=256, ge=1)
+    """Samples of the epoch order packed together (first-fit by decreasing length within the
+    window); never scaled by the world size, so packs are the same at any world size."""
+
+
 class StageConfig(StrictModel):
     """One training stage: `lladav train STAGE.yaml`."""
 
@@ -413,11 +450,27 @@ class StageConfig(StrictModel):
     """The per-epoch sample order (see Shuffle): a block shuffle over groups of shards."""
     shard_cache: ShardCacheSettings = ShardCacheSettings()
     """The node's shard cache: folder, byte cap, prefetch window (see ShardCacheSettings)."""
+    objective: Objective = Objective()
+    """Masking options (see Objective); the default is the paper's objective."""
+    packing: Packing | None = None
+    """Pack samples into token-budget sequences (see Packing); micro_batch then counts packed
+    sequences. Default: one sample per row, padded to the micro-batch's longest."""
+    log_every: int = Field(default=10, ge=1)
+    """Optimizer steps per step-log line (global mean loss, grad norm, learning rates,
+    throughput; train/loop.py), and the first and last step."""
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts from the last checkpoint before the stage fails."""
     seed: int = 0
     output: str
     """URI of the consolidated export (Hugging Face folder) published at the end."""
+
+    @model_validator(mode="after")
+    def _packing_needs_own_tails(self) -> "StageConfig":
+        if self.packing is not None and self.end_of_answer.policy != "eos_tail":
+            raise ValueError("packing needs end_of_answer.policy eos_tail: pad_to_longest trains "
+                             "the padding to a micro-batch's longest sample, which packed "
+                             "sequences do not have")
+        return self
 
     @model_validator(mode="before")
     @classmethod

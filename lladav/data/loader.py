@@ -70,7 +70,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lladav import storage
-from lladav.config import EndOfAnswer, ShardCacheSettings, Shuffle, VisionGeometry
+from lladav.config import EndOfAnswer, Packing, ShardCacheSettings, Shuffle, VisionGeometry
 from lladav.data import manifest as mf
 from lladav.data.conversation import ANSWER_TARGET, IMAGE_PLACEHOLDER_ID, NOT_TARGET
 from lladav.data.images import decode_rgb, image_tiles
@@ -144,6 +144,42 @@ def epoch_batches(keys: Sequence[str], n_tokens: Sequence[int], seed: int, epoch
             cut.sort(key=lambda b: hash_key(seed, "window", epoch, w, keys[b[0]]))
         batches += cut
     return batches + ([tail] if tail else [])
+
+
+def pack_batches(keys: Sequence[str], lengths: Sequence[int], seed: int, epoch: int,
+                 rows_per_batch: int, budget: int, window: int,
+                 shard_of: Sequence[str] | None = None, block_shards: int = 0
+                 ) -> list[list[list[int]]]:
+    """The epoch's packed micro-batches: each a list of `rows_per_batch` rows (the last batch
+    maybe fewer), each row a list of sample indices whose `lengths` sum to at most `budget`.
+
+    The epoch order (epoch_order) is cut into windows of `window` samples; each window is packed
+    first-fit by decreasing length (ties in epoch order), and its rows are put in seeded-hash
+    order. World size and workers never enter, so packs are the same at any world size. A sample
+    longer than the budget is an error naming it.
+    """
+    too_long = [i for i in range(len(keys)) if lengths[i] > budget]
+    if too_long:
+        worst = max(too_long, key=lambda i: lengths[i])
+        raise ValueError(f"packing: {len(too_long)} sample(s) longer than token_budget {budget}, "
+                         f"e.g. {keys[worst]} with {lengths[worst]} tokens; raise the budget")
+    order = epoch_order(keys, seed, epoch, shard_of, block_shards)
+    rows: list[list[int]] = []
+    for w, start in enumerate(range(0, len(order), window)):
+        part = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        used: list[int] = []
+        packed: list[list[int]] = []
+        for i in part:
+            slot = next((r for r, u in enumerate(used) if u + lengths[i] <= budget), None)
+            if slot is None:
+                used.append(0)
+                packed.append([])
+                slot = len(packed) - 1
+            used[slot] += lengths[i]
+            packed[slot].append(i)
+        packed.sort(key=lambda r: hash_key(seed, "pack", epoch, w, keys[r[0]]))
+        rows += packed
+    return [rows[j:j + rows_per_batch] for j in range(0, len(rows), rows_per_batch)]
 
 
 def rank_batches(batches: Sequence[Sequence[int]], batch_size: int, rank: int, world_size: int,
@@ -283,10 +319,19 @@ class Batch:
     position: int                              # this rank's batch position in the epoch
     lengths: list[int] | None = None           # text positions of each sample incl. its EOS tail
     pads_are_targets: bool = True
+    packs: list[list[int]] | None = None       # packed: the samples of each row, in row order
+    eos_tails: list[int] | None = None         # each sample's EOS tail length
 
     @property
     def padding_fraction(self) -> float:
-        return padding_fraction([range(len(self.n_tokens))], self.n_tokens)
+        """Padding / all positions the model runs over: unpacked, each row padded to the longest
+        spliced sample; packed, each row (samples with their EOS tails) to the longest row."""
+        if self.packs is None:
+            return padding_fraction([range(len(self.n_tokens))], self.n_tokens)
+        tails = self.eos_tails or [0] * len(self.n_tokens)
+        own = [n + t for n, t in zip(self.n_tokens, tails)]
+        rows = [sum(own[i] for i in row) for row in self.packs]
+        return 1.0 - sum(rows) / (max(rows) * len(rows))
 
 
 @dataclass(frozen=True)
@@ -296,6 +341,7 @@ class _Planned:
     position: int
     samples: tuple[tuple[str, str, int, int], ...]   # (key, shard name, n_tokens, n_images)
     members: tuple[str, ...] | None = None           # keys inside the shards, when not `key` (a view)
+    rows: tuple[tuple[int, ...], ...] | None = None  # packed: indices into samples, per row
 
 
 _Decoded = tuple[np.ndarray, np.ndarray, list[torch.Tensor], list[tuple[int, int]]]
@@ -338,9 +384,11 @@ def _collate(samples: list[_Decoded], eos_id: int, planned: _Planned, policy: En
         targets[row, :n] = torch.from_numpy(codes != NOT_TARGET)
         targets[row, n:own] = True                         # the sample's own EOS tail
         answer[row, :n] = torch.from_numpy(codes == ANSWER_TARGET)
+    packs = [list(r) for r in planned.rows] if planned.rows is not None else None
     return Batch(ids, targets, answer, [s[2] for s in samples], [s[3] for s in samples], keys,
                  [n for _, _, n, _ in planned.samples], planned.epoch, planned.index,
-                 planned.position, lengths, pads_are_targets)
+                 planned.position, lengths, pads_are_targets, packs,
+                 [own - len(s[0]) for s, own in zip(samples, lengths)])
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
@@ -368,6 +416,15 @@ class _EpochStream(torch.utils.data.IterableDataset):
         return _decode(shard, key, raw, n_images, self.geometry, self.aspect)
 
 
+def _row_slices(rows: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    """Rows of sample indices -> the same rows as positions in the batch's flat sample list."""
+    out, k = [], 0
+    for row in rows:
+        out.append(tuple(range(k, k + len(row))))
+        k += len(row)
+    return tuple(out)
+
+
 def _as_is(batch: Batch) -> Batch:
     return batch
 
@@ -392,7 +449,7 @@ class MixtureLoader:
                  aspect: str | None = None, group_by_length: bool = False, group_window: int = 32,
                  drop_last: bool = True, prefetch_factor: int = 2,
                  end_of_answer: EndOfAnswer | None = None, shuffle: Shuffle | None = None,
-                 shard_cache: ShardCacheSettings | None = None):
+                 shard_cache: ShardCacheSettings | None = None, packing: Packing | None = None):
         if not (0 <= rank < world_size) or min(batch_size, group_window) < 1 or num_workers < 0:
             raise ValueError(f"need 0 <= rank={rank} < world_size={world_size}, batch_size="
                              f"{batch_size} >= 1, group_window={group_window} >= 1, num_workers="
@@ -428,6 +485,9 @@ class MixtureLoader:
         self.group_window = group_window if group_by_length else 0
         self.drop_last = drop_last
         self.end_of_answer = end_of_answer or EndOfAnswer()
+        self.packing = packing
+        if packing is not None and self.end_of_answer.policy != "eos_tail":
+            raise ValueError("packing needs the eos_tail end-of-answer policy (config.Packing)")
         self._refs = {s["name"]: ShardRef(self.mixture.shard_uri(s["name"]), s["sha256"],
                                           int(s["bytes"])) for s in info["shards"]}
         self.shuffle = shuffle or Shuffle()
@@ -446,15 +506,29 @@ class MixtureLoader:
     # -- plan --------------------------------------------------------------------------------
     def _plan(self, epoch: int) -> tuple[list[list[int]], list[_Planned]]:
         if epoch not in self._plans:
-            batches = epoch_batches(self.keys, self.n_tokens, self.seed, epoch, self.batch_size,
-                                    self.group_window, self.shard_of, self.block_shards)
-            mine = rank_batches(batches, self.batch_size, self.rank, self.world_size,
-                                self.drop_last)
+            packed: list[list[list[int]]] | None = None
+            if self.packing is not None:
+                lengths = [n + eos_tail_length(self.end_of_answer, self.seed, epoch, k)
+                           for n, k in zip(self.n_tokens, self.keys)]
+                packed = pack_batches(self.keys, lengths, self.seed, epoch, self.batch_size,
+                                      self.packing.token_budget, self.packing.window,
+                                      self.shard_of, self.block_shards)
+                batches = [[i for row in rows for i in row] for rows in packed]
+                # drop_last counts a batch as full by its rows, not its samples
+                mine = rank_batches([[0] * len(rows) for rows in packed], self.batch_size,
+                                    self.rank, self.world_size, self.drop_last)
+            else:
+                batches = epoch_batches(self.keys, self.n_tokens, self.seed, epoch,
+                                        self.batch_size, self.group_window, self.shard_of,
+                                        self.block_shards)
+                mine = rank_batches(batches, self.batch_size, self.rank, self.world_size,
+                                    self.drop_last)
             member_of = self.member_of
             plan = [_Planned(epoch, g, pos, tuple((self.keys[i], self.shard_of[i],
                                                    self.n_tokens[i], self.n_images[i])
                                                   for i in batches[g]),
-                             tuple(member_of[i] for i in batches[g]) if member_of else None)
+                             tuple(member_of[i] for i in batches[g]) if member_of else None,
+                             _row_slices(packed[g]) if packed is not None else None)
                     for pos, g in enumerate(mine)]
             self._plans = {epoch: (batches, plan)}  # keep one epoch's plan in memory
         return self._plans[epoch]
@@ -464,9 +538,20 @@ class MixtureLoader:
         return len(self._plan(self._epoch)[1])
 
     def padding_fraction(self, epoch: int | None = None) -> float:
-        """Pad fraction over spliced lengths of all of an epoch's global batches."""
-        return padding_fraction(self._plan(self._epoch if epoch is None else epoch)[0],
-                                self.n_tokens)
+        """Pad fraction over spliced lengths of all of an epoch's global batches (packed: over
+        each batch's rows padded to its longest row, EOS tails counted as the samples')."""
+        epoch = self._epoch if epoch is None else epoch
+        batches, plan = self._plan(epoch)
+        if self.packing is None:
+            return padding_fraction(batches, self.n_tokens)
+        own = {k: n + eos_tail_length(self.end_of_answer, self.seed, epoch, k)
+               for p in plan for k, _, n, _ in p.samples}
+        pad = total = 0
+        for p in plan:   # this rank's batches: a sample of the epoch, like any rank's
+            rows = [sum(own[p.samples[i][0]] for i in row) for row in p.rows or ()]
+            pad += max(rows) * len(rows) - sum(rows)
+            total += max(rows) * len(rows)
+        return pad / total if total else 0.0
 
     # -- read --------------------------------------------------------------------------------
     def _shard_cache(self, settings: ShardCacheSettings) -> tuple[ShardCache, int]:
@@ -535,6 +620,7 @@ class MixtureLoader:
         return {"format": STATE_FORMAT, "mixture": self.mixture.digest, "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size,
                 "group_window": self.group_window, "drop_last": self.drop_last,
+                **({"packing": self.packing.model_dump()} if self.packing else {}),
                 "order": f"block:{self.block_shards}" if self.block_shards else "global"}
 
     def state_dict(self) -> dict:

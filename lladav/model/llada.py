@@ -10,9 +10,11 @@ layout from a folder or URI.
 
 Owns: the architecture, its config, loading checkpoints, and the prefix key/value reuse the sampler
 needs (Fast-dLLM's prefix cache, digest §5.4), passed in and out explicitly as `prefix_kv` and
-`return_kv`. Does not own: masking and the loss (diffusion.py), sampling (sampler.py), images
-(lladav.py), distribution (train/engine.py). There is no attention-mask argument: the reference
-trains and samples with none, so EOS pads are attended like any token (digest §2.5).
+`return_kv`, and packed rows (per-row RoPE positions, a per-sample attention block). Does not
+own: masking and the loss (diffusion.py), the head's training form (head.py), sampling
+(sampler.py), images (lladav.py), distribution (train/engine.py). The reference trains and
+samples without an attention mask, so EOS pads are attended like any token (digest §2.5); the
+optional masks serve own-tail batches and packing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from lladav.model.head import LMHead
 from transformers.utils import ModelOutput
 
 from lladav.model.flavors import FLAVORS
@@ -94,10 +98,12 @@ class LLaDAConfig(PretrainedConfig):
 
 @dataclass
 class LLaDAOutput(ModelOutput):
-    """`logits` (B, L, V); `kv` per layer (k, v) of the inputs when `return_kv=True`, else None."""
+    """`logits` (B, L, V); `kv` per layer (k, v) of the inputs when `return_kv=True`, else None;
+    `hidden` (B, L, D) instead of logits when called with `logits=False`."""
 
     logits: torch.Tensor | None = None
     kv: list[KV] | None = None
+    hidden: torch.Tensor | None = None
 
 
 # ---- the pieces of a block --------------------------------------------------------------------
@@ -116,10 +122,13 @@ class LLaDARMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (L, head_dim) for half-split RoPE; angles in fp32, cast to `dtype`."""
+    """cos, sin of shape (L, head_dim) for half-split RoPE, or (B, 1, L, head_dim) for per-row
+    positions (B, L) (packed samples each start at 0); angles in fp32, cast to `dtype`."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                             device=positions.device) / head_dim)  # (D/2,)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (L, D/2)
+    angles = positions.float()[..., None] * inv_freq  # (L, D/2) or (B, L, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, L, D/2): broadcast over heads
     angles = torch.cat([angles, angles], dim=-1)  # (L, D): both halves rotate by the same angle
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -130,7 +139,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin  # x (B, H, L, D), cos/sin (L, D)
+    return x * cos + rotate_half(x) * sin  # x (B, H, L, D), cos/sin (L, D) or (B, 1, L, D)
 
 
 class LLaDAAttention(nn.Module):
@@ -158,7 +167,7 @@ class LLaDAAttention(nn.Module):
         groups = self.n_heads // self.n_kv_heads  # query head h reads KV head h // groups
         k_all, v_all = k_all.repeat_interleave(groups, 1), v_all.repeat_interleave(groups, 1)
         # Bidirectional. No mask unless some keys must be hidden (batch padding): a (B, 1, 1, K)
-        # boolean key mask then, never a materialised L^2 one (digest §1.1).
+        # boolean key mask then; only packed rows need the (B, 1, L, L) block-diagonal one.
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=key_mask, is_causal=False)
         out = out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*D)
         return self.o_proj(out), k, v
@@ -206,16 +215,23 @@ class LLaDABackbone(nn.Module):
         self.gradient_checkpointing = False  # set by activation_checkpointing_enable()
 
     def forward(self, x: torch.Tensor, prefix_kv: list[KV] | None, return_kv: bool,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV] | None]:
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV] | None]:
         prefix_len = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
-        positions = torch.arange(prefix_len, prefix_len + x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if positions is None:
+            positions = torch.arange(prefix_len, prefix_len + x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions.to(x.device), self.config.head_dim,
+                                self.config.rope_theta, x.dtype)
         key_mask = None
         if attention_mask is not None:  # (B, L) True = visible -> (B, 1, 1, P + L)
             visible = attention_mask.to(device=x.device, dtype=torch.bool)
             if prefix_len:
                 visible = torch.cat([visible.new_ones(visible.shape[0], prefix_len), visible], 1)
             key_mask = visible[:, None, None, :]
+        if segments is not None:  # packed rows: a query sees only its own sample's keys
+            seg = segments.to(x.device)
+            same = seg[:, None, :, None] == seg[:, None, None, :]              # (B, 1, L, L)
+            key_mask = same if key_mask is None else same & key_mask
         kv: list[KV] = []
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else prefix_kv[i]
@@ -243,7 +259,7 @@ class LLaDAModelLM(PreTrainedModel):
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
         self.model = LLaDABackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         self.post_init()  # HF's _init_weights: normal(0, initializer_range) linears, ones for norms
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -255,10 +271,15 @@ class LLaDAModelLM(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    supports_packing = True
+    """forward honours `segments` (a block-diagonal mask) and per-row `positions`; a model
+    without this attribute is refused by a packed stage (train/step.py)."""
+
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, *,
                 prefix_kv: list[KV] | None = None, return_kv: bool = False,
-                attention_mask: torch.Tensor | None = None) -> LLaDAOutput:
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None, logits: bool = True) -> LLaDAOutput:
         """Logits for every input position, all positions attending to all (and to `prefix_kv`).
 
         input_ids (B, L) or inputs_embeds (B, L, D), exactly one. attention_mask: optional (B, L)
@@ -267,14 +288,23 @@ class LLaDAModelLM(PreTrainedModel):
         shape (B, n_kv_heads, P, head_dim), already rotated (slices of an earlier `return_kv`);
         the inputs then sit at positions P..P+L-1. return_kv: also return the inputs' per-layer
         (k, v), rotated and before KV-head repetition, for the caller to slice into a prefix cache.
+        positions: optional (B, L) RoPE positions and segments: optional (B, L) int, the packed
+        sample each position belongs to (attention stays inside a segment); with both, every
+        packed sample computes exactly what it would alone. logits=False returns `hidden`
+        (B, L, D) after the final norm instead, for the step's masked-row head (`lm_head(rows,
+        labels)`, model/head.py).
         """
+        if prefix_kv is not None and (positions is not None or segments is not None):
+            raise ValueError("prefix_kv cannot be combined with packed positions/segments")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if prefix_kv is not None and len(prefix_kv) != len(self.model.layers):
             raise ValueError(f"prefix_kv has {len(prefix_kv)} layers, the model "
                              f"{len(self.model.layers)}")
         x = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)  # (B,L,D)
-        hidden, kv = self.model(x, prefix_kv, return_kv, attention_mask)
+        hidden, kv = self.model(x, prefix_kv, return_kv, attention_mask, positions, segments)
+        if not logits:
+            return LLaDAOutput(kv=kv, hidden=hidden)
         return LLaDAOutput(logits=self.lm_head(hidden), kv=kv)  # logits (B, L, V)
 
     @classmethod

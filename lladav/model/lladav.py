@@ -233,9 +233,15 @@ class LLaDAVModel(PreTrainedModel):
         pos = torch.stack([F.pad(p, (0, length - len(p))) for p in img_pos])
         return out + unused, pos.to(out.device)
 
+    @property
+    def supports_packing(self) -> bool:
+        """Whether forward keeps packed samples apart (train/step.py refuses packing if not)."""
+        return bool(getattr(self.language_model, "supports_packing", False))
+
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
-        """Logits of the language model over given ids or already-spliced embeddings."""
+        """The language model over given ids or already-spliced embeddings: logits, or with
+        logits=False the hidden states (and positions/segments for packed rows; model/llada.py)."""
         return self.language_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     # -- loading the real checkpoints ------------------------------------------------------------

@@ -100,27 +100,26 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
                            world_size=ctx.world_size, num_workers=stage.loader_workers,
                            seed=stage.seed, group_by_length=stage.group_by_length,
                            end_of_answer=stage.end_of_answer, shuffle=stage.shuffle,
-                           shard_cache=stage.shard_cache)
+                           shard_cache=stage.shard_cache, packing=stage.packing)
     steps_per_epoch = max(1, len(loader) // stage.grad_accum)
     total = stage.max_steps or stage.epochs * steps_per_epoch
     engine = eng.initialize(model, groups, ds_config, total_steps=total,
                             warmup_ratio=stage.warmup_ratio, betas=stage.betas,
                             eps=stage.adam_eps, weight_decay=stage.weight_decay)
 
-    masking = torch.Generator().manual_seed(stage.seed * 1000 + ctx.rank)
     step, ledger = 0, []
     if ctx.restore_dir:
         client = eng.load_checkpoint(engine, ctx.restore_dir)
         step, ledger = int(client["step"]), list(client["ledger"])
         loader.load_state_dict(client["loader"])
-        masking.set_state(client["rng"])
         log.info("rank %d resumed at step %d (epoch %d)", ctx.rank, step, loader.epoch)
 
     local_fraction = _local_fraction(engine.module)
     micro, window = 0, _Window()
     while step < total:
         for batch in loader:
-            loss, metrics = diffusion_step(engine.module, batch, masking, loader.aspect)
+            loss, metrics = diffusion_step(engine.module, batch, stage.seed, loader.aspect,
+                                           stage.objective)
             engine.backward(loss)
             engine.step()
             ledger.extend(batch.keys)
@@ -137,7 +136,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
             if checkpoint:
                 with tempfile.TemporaryDirectory(dir=ctx.tmp_root) as folder:
                     eng.save_checkpoint(engine, folder, {
-                        "step": step, "loader": loader.state_dict(), "rng": masking.get_state(),
+                        "step": step, "loader": loader.state_dict(),
                         "ledger": ledger, "stage": stage.name})
                     if ctx.rank == 0:  # the export needs the config beside the shards
                         engine.module.config.save_pretrained(folder)
