@@ -209,6 +209,7 @@ def bare_loop(stage_json: str, result_path: str) -> None:
                             eps=stage.adam_eps, weight_decay=stage.weight_decay)
     clock, steps = [time.perf_counter()], []
     for step, batch in enumerate(batches, 1):
+        eng.start_micro_batch(engine)
         loss, metrics = diffusion_step(engine.module, batch, stage.seed, loader.aspect,
                                        stage.objective)
         engine.backward(loss)

@@ -30,9 +30,11 @@ only what is on disk, never the batches. A mixture of at most block_shards shard
 the global order. Why round-robin: a global step takes batches g..g+world_size-1 from one
 stretch of the order.
 
-drop_last (default True) keeps the first floor(n_full / world_size) * world_size full batches,
-so every rank gets the same count (ZeRO-3 ranks step together); which samples fall off changes
-every epoch. drop_last=False keeps every batch, the tail too; rank counts may then differ by one.
+drop_last (default True) keeps the first floor(n_full / step_batches) * step_batches full
+batches, step_batches being the micro-batches of one optimizer step over all ranks (world size x
+accumulation; default the world size): every rank gets the same count (ZeRO-3 ranks step
+together), and a run at 2 workers x 1 accumulation and one at 1 x 2 use the same batches each
+epoch (elastic resume); which samples fall off changes every epoch. drop_last=False keeps every batch, the tail too; rank counts may then differ by one.
 
 Length grouping: the full batches' part of the order is cut into windows of batch_size *
 group_window samples (not scaled by world size, so the batch sequence stays independent of it);
@@ -44,8 +46,11 @@ Padding fraction over spliced lengths (text + image tokens): 4096 log-normal sta
 lengths, batch 8, window 32: 0.51 -> 0.05 (tests/unit/test_loader_order.py); the synthetic
 mixture of tests/integration/test_loader.py (99 samples), batch 4, window 4: 0.13 -> 0.07.
 
-Resume: state_dict() = identity + {epoch, position}; position is this rank's next batch in the
-epoch (global index position * world_size + rank). It advances when a batch is handed to the
+Resume: state_dict() = identity + {epoch, position, world_size}; position is this rank's next
+batch in the epoch (global index position * world_size + rank). The world size is not part of
+the identity: a state saved at world size w resumes at w' when the global batches consumed,
+position x w, are a multiple of w' (they are at any optimizer-step boundary of the same
+step_batches), at position x w / w'. It advances when a batch is handed to the
 consumer, never when a worker prefetches one; in lockstep every rank holds the same state. The
 identity names the order ("global", or "block:N"; a state without it is from the global order).
 
@@ -183,12 +188,13 @@ def pack_batches(keys: Sequence[str], lengths: Sequence[int], seed: int, epoch: 
 
 
 def rank_batches(batches: Sequence[Sequence[int]], batch_size: int, rank: int, world_size: int,
-                 drop_last: bool = True) -> list[int]:
+                 drop_last: bool = True, step_batches: int | None = None) -> list[int]:
     """Global batch indices of `rank`: g % world_size == rank (see drop_last in the module doc)."""
     n = len(batches)
     if drop_last:
         n_full = sum(len(b) == batch_size for b in batches)
-        n = n_full // world_size * world_size
+        multiple = step_batches or world_size
+        n = n_full // multiple * multiple
     return list(range(rank, n, world_size))
 
 
@@ -449,7 +455,8 @@ class MixtureLoader:
                  aspect: str | None = None, group_by_length: bool = False, group_window: int = 32,
                  drop_last: bool = True, prefetch_factor: int = 2,
                  end_of_answer: EndOfAnswer | None = None, shuffle: Shuffle | None = None,
-                 shard_cache: ShardCacheSettings | None = None, packing: Packing | None = None):
+                 shard_cache: ShardCacheSettings | None = None, packing: Packing | None = None,
+                 step_batches: int | None = None):
         if not (0 <= rank < world_size) or min(batch_size, group_window) < 1 or num_workers < 0:
             raise ValueError(f"need 0 <= rank={rank} < world_size={world_size}, batch_size="
                              f"{batch_size} >= 1, group_window={group_window} >= 1, num_workers="
@@ -484,6 +491,10 @@ class MixtureLoader:
         self.num_workers, self.seed, self.prefetch_factor = num_workers, seed, prefetch_factor
         self.group_window = group_window if group_by_length else 0
         self.drop_last = drop_last
+        self.step_batches = step_batches or world_size
+        if self.step_batches % world_size:
+            raise ValueError(f"step_batches {self.step_batches} is not a multiple of world_size "
+                             f"{world_size}")
         self.end_of_answer = end_of_answer or EndOfAnswer()
         self.packing = packing
         if packing is not None and self.end_of_answer.policy != "eos_tail":
@@ -516,13 +527,13 @@ class MixtureLoader:
                 batches = [[i for row in rows for i in row] for rows in packed]
                 # drop_last counts a batch as full by its rows, not its samples
                 mine = rank_batches([[0] * len(rows) for rows in packed], self.batch_size,
-                                    self.rank, self.world_size, self.drop_last)
+                                    self.rank, self.world_size, self.drop_last, self.step_batches)
             else:
                 batches = epoch_batches(self.keys, self.n_tokens, self.seed, epoch,
                                         self.batch_size, self.group_window, self.shard_of,
                                         self.block_shards)
                 mine = rank_batches(batches, self.batch_size, self.rank, self.world_size,
-                                    self.drop_last)
+                                    self.drop_last, self.step_batches)
             member_of = self.member_of
             plan = [_Planned(epoch, g, pos, tuple((self.keys[i], self.shard_of[i],
                                                    self.n_tokens[i], self.n_images[i])
@@ -618,23 +629,30 @@ class MixtureLoader:
 
     def _identity(self) -> dict:
         return {"format": STATE_FORMAT, "mixture": self.mixture.digest, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size,
+                "batch_size": self.batch_size, "step_batches": self.step_batches,
                 "group_window": self.group_window, "drop_last": self.drop_last,
                 **({"packing": self.packing.model_dump()} if self.packing else {}),
                 "order": f"block:{self.block_shards}" if self.block_shards else "global"}
 
     def state_dict(self) -> dict:
         """JSON-able: where the next batch comes from, plus what must match to resume."""
-        return {**self._identity(), "epoch": self._epoch, "position": self._position}
+        return {**self._identity(), "epoch": self._epoch, "position": self._position,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        state = {"order": "global", **state}  # states saved before block orders existed
+        """Continue where `state` stopped, at this loader's world size if it can (see Resume)."""
+        # states saved before block orders / step_batches existed
+        state = {"order": "global", "step_batches": state.get("world_size"), **state}
         wrong = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if wrong:
             raise ValueError("loader state does not match this loader (saved, current): "
                              + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in wrong.items()))
-        if not 0 <= state["position"] < len(self):
-            raise ValueError(f"loader state: position {state['position']} outside "
-                             f"0..{len(self) - 1}")
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+        consumed = int(state["position"]) * int(state["world_size"])   # global batches
+        if consumed % self.world_size:
+            raise ValueError(f"loader state: {consumed} global batches consumed at world size "
+                             f"{state['world_size']} do not split over {self.world_size} ranks")
+        position = consumed // self.world_size
+        if not 0 <= position < len(self):
+            raise ValueError(f"loader state: position {position} outside 0..{len(self) - 1}")
+        self._epoch, self._position = int(state["epoch"]), position
 

@@ -39,9 +39,12 @@ def integrity_name(rank: int) -> str:
     return INTEGRITY.format(rank=rank)
 
 
-def seal(folder: str | Path, rank: int, world_size: int, step: int) -> Path:
+def seal(folder: str | Path, rank: int, world_size: int, step: int,
+         topology: dict | None = None) -> Path:
     """Write this rank's integrity file, listing every other file in its local `folder` (each
-    rank saves into a folder of its own, so that is exactly its files). Call it last."""
+    rank saves into a folder of its own, so that is exactly its files). Call it last.
+    `topology` ({"micro_batch", "grad_accum"}) is recorded beside the world size, for an
+    elastic resume to keep the global batch (read_topology)."""
     root = Path(folder)
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -51,7 +54,7 @@ def seal(folder: str | Path, rank: int, world_size: int, step: int) -> Path:
     target = root / integrity_name(rank)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_bytes(pretty_json({"rank": rank, "world_size": world_size, "step": step,
-                                 "files": files}))
+                                 "files": files, **({"topology": topology} if topology else {})}))
     os.replace(tmp, target)  # a reader never sees half an integrity file
     return target
 
@@ -62,6 +65,15 @@ def read_step(folder: str | Path) -> int | None:
         return int(json.loads((Path(folder) / integrity_name(0)).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_topology(folder: str | Path) -> dict:
+    """{"world_size", "micro_batch", "grad_accum"} of the run that saved the checkpoint (rank
+    0's integrity file; the last two are None for checkpoints sealed without them)."""
+    record = json.loads((Path(folder) / integrity_name(0)).read_text())
+    topology = record.get("topology") or {}
+    return {"world_size": int(record["world_size"]), "micro_batch": topology.get("micro_batch"),
+            "grad_accum": topology.get("grad_accum")}
 
 
 def verify(folder: str | Path, share: tuple[int, int] = (0, 1)) -> list[str]:

@@ -291,6 +291,71 @@ def load_checkpoint(engine: Any, folder: str) -> dict[str, Any]:
     return client_state
 
 
+def start_micro_batch(engine: Any) -> None:
+    """Tell ZeRO-3 a new micro-batch begins. It counts micro-steps in `engine.forward`; the
+    training step calls the model's pieces directly (embed, tower, language model, head), and
+    without this each micro-batch of an accumulation overwrote the previous one's gradient
+    (measured: Adam's first moment equal to the last micro-batch's gradient alone)."""
+    clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+
+
+# ---- elastic resume: a checkpoint saved at one world size, loaded at another ---------------------
+
+def to_universal(folder: str, out: str) -> None:
+    """Convert the ZeRO checkpoint in `folder` (tag TAG) into DeepSpeed's universal layout in
+    `out` (tag TAG): whole fp32 weights and Adam moments per trained parameter, loadable at any
+    world size. DeepSpeed's own converter, in-process, one worker (it forks otherwise)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=os.path.join(folder, TAG), output_folder=os.path.join(out, TAG),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=False))
+
+
+def load_universal(engine: Any, folder: str, original: str,
+                   group_names: list[str]) -> dict[str, Any]:
+    """Load a universal checkpoint (`to_universal` of the checkpoint in `original`) into an
+    engine built with {"checkpoint": {"load_universal": true}} at any world size; returns rank
+    0's client state.
+
+    DeepSpeed 0.19.8's universal load leaves three things wrong under ZeRO-3, put right here:
+    frozen parameters are not in the universal files (they are read whole from `original` by
+    train/export.py's reader, rank 0); every group gets group 0's lr, initial_lr and name
+    (reset from the restored scheduler and `group_names`); and all groups share one Adam `step`
+    tensor, which AdamW then advances once per group (each gets its own copy). Measured on the
+    tiny model, 2 -> 1 and 1 -> 2 ranks: parameters, moments and the next losses equal an
+    uninterrupted run's exactly (tests/integration/test_train.py)."""
+    import deepspeed
+
+    client = load_checkpoint(engine, folder)
+    optimizer = engine.optimizer.optimizer
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    scheduler = engine.lr_scheduler
+    for group, lr, base, name in zip(optimizer.param_groups, scheduler.get_last_lr(),
+                                     scheduler.base_lrs, group_names):
+        group["lr"], group["initial_lr"], group["name"] = lr, base, name
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+    if _rank() == 0 and frozen:
+        from lladav.train.export import read_tensors
+
+        full = read_tensors(original, {n for n, _ in frozen})
+    else:
+        full = {}
+    for name, param in frozen:
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if _rank() == 0:
+                with torch.no_grad():
+                    param.copy_(full[name])
+    return client
+
+
 def gather_full_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
     """Whole tensors (training dtype) on rank 0, {} elsewhere; every rank must call it. For tests
     and comparisons: one module is gathered at a time, but rank 0 ends up with the whole model."""

@@ -108,6 +108,18 @@ def _zero3_tensors(folder: str) -> list[_Tensor]:
     return out
 
 
+def read_tensors(checkpoint_folder: str, names: set[str]) -> dict[str, torch.Tensor]:
+    """Whole tensors `names` of a ZeRO-3 checkpoint (trained ones in fp32), e.g. the frozen
+    parameters an elastic resume must restore (train/engine.load_universal)."""
+    out = {}
+    for t in _zero3_tensors(checkpoint_folder):
+        if t.name in names:
+            out[t.name] = torch.cat(t.pieces)[:math.prod(t.shape)].clone().view(t.shape)
+    if missing := names - out.keys():
+        raise KeyError(f"{checkpoint_folder}: no tensor named {sorted(missing)[:5]}")
+    return out
+
+
 def _span(flat_groups: list[torch.Tensor], start: int, length: int) -> list[torch.Tensor]:
     """Elements [start, start + length) of the concatenation of `flat_groups`, as views."""
     pieces, base = [], 0

@@ -58,10 +58,13 @@ def mixture_tokenizer(mixture_uri: str) -> Any:
     return load_tokenizer(open_mixture(mixture_uri).info["tokenizer"]["uri"])
 
 
-def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict], list[dict], dict]:
+def prepare_model(stage: StageConfig, world_size: int, grad_accum: int | None = None,
+                  load_universal: bool = False) -> tuple[Any, list[dict], list[dict], dict]:
     """Everything before the first step, on every rank: the process group, the model built under
     ZeRO-3 with its init weights, frozen per stage. Returns (model, param_groups, table rows,
-    rendered DeepSpeed config). bench/train_step.py's bare-DeepSpeed baseline starts here too."""
+    rendered DeepSpeed config). bench/train_step.py's bare-DeepSpeed baseline starts here too.
+    grad_accum overrides the stage's (an elastic resume); load_universal sets DeepSpeed's
+    checkpoint.load_universal for loading a universal checkpoint."""
     from lladav.data.manifest import open_mixture
     from lladav.model.lladav import LLaDAVModel
     from lladav.train import engine as eng
@@ -73,9 +76,11 @@ def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict],
     config, weights = initial_weights(stage, tok, open_mixture(stage.mixture).geometry)
     ds_config = eng.render_ds_config(
         eng.resolve_template(stage.deepspeed), micro_batch=stage.micro_batch,
-        grad_accum=stage.grad_accum, world_size=world_size,
+        grad_accum=grad_accum or stage.grad_accum, world_size=world_size,
         gradient_clipping=stage.gradient_clipping, precision=stage.precision,
-        hidden_size=config.text_config.hidden_size, overrides=stage.deepspeed_overrides)
+        hidden_size=config.text_config.hidden_size,
+        overrides={**stage.deepspeed_overrides,
+                   **({"checkpoint.load_universal": True} if load_universal else {})})
     model = eng.build_model(lambda: LLaDAVModel(config), ds_config)
     if weights is not None:
         eng.load_state_into(model, weights)
@@ -85,14 +90,44 @@ def prepare_model(stage: StageConfig, world_size: int) -> tuple[Any, list[dict],
     return model, groups, rows, ds_config
 
 
+class ElasticError(RuntimeError):
+    """A checkpoint cannot resume at this world size with its global batch."""
+
+
+def resume_accumulation(saved: dict, micro_batch: int, world_size: int) -> int:
+    """The gradient accumulation that keeps a checkpoint's global batch (saved world size x
+    micro-batch x accumulation, train/checkpoints.read_topology) at `world_size`; ElasticError
+    saying why when none does."""
+    micro, accum = saved["micro_batch"] or micro_batch, saved["grad_accum"]
+    if accum is None:
+        raise ElasticError(f"the checkpoint was saved at {saved['world_size']} workers without "
+                           "its batch topology (an older lladav); resume it at that world size")
+    global_batch = saved["world_size"] * micro * accum
+    if micro != micro_batch or global_batch % (world_size * micro):
+        raise ElasticError(
+            f"the checkpoint was trained with a global batch of {global_batch} samples ("
+            f"{saved['world_size']} workers x micro_batch {micro} x grad_accum {accum}); "
+            f"{world_size} workers x micro_batch {micro_batch} cannot make it with a whole "
+            f"accumulation. Resume with a worker count dividing {global_batch // micro} and "
+            f"micro_batch {micro}")
+    return global_batch // (world_size * micro)
+
+
 def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     from lladav.data.loader import MixtureLoader
     from lladav.train import engine as eng
-    from lladav.train.checkpoints import seal
+    from lladav.train.checkpoints import read_topology, seal
     from lladav.train.stage import format_table
     from lladav.train.step import diffusion_step
 
-    model, groups, rows, ds_config = prepare_model(stage, ctx.world_size)
+    accum, elastic = stage.grad_accum, False
+    if ctx.restore_dir:
+        saved = read_topology(ctx.restore_dir)
+        if saved["world_size"] != ctx.world_size:
+            accum, elastic = resume_accumulation(saved, stage.micro_batch, ctx.world_size), True
+        elif saved["grad_accum"] is not None:
+            accum = saved["grad_accum"]
+    model, groups, rows, ds_config = prepare_model(stage, ctx.world_size, accum, elastic)
     if ctx.rank == 0:
         log.info("stage %s\n%s", stage.name, format_table(rows))
 
@@ -100,8 +135,9 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
                            world_size=ctx.world_size, num_workers=stage.loader_workers,
                            seed=stage.seed, group_by_length=stage.group_by_length,
                            end_of_answer=stage.end_of_answer, shuffle=stage.shuffle,
-                           shard_cache=stage.shard_cache, packing=stage.packing)
-    steps_per_epoch = max(1, len(loader) // stage.grad_accum)
+                           shard_cache=stage.shard_cache, packing=stage.packing,
+                           step_batches=ctx.world_size * accum)
+    steps_per_epoch = max(1, len(loader) // accum)
     total = stage.max_steps or stage.epochs * steps_per_epoch
     engine = eng.initialize(model, groups, ds_config, total_steps=total,
                             warmup_ratio=stage.warmup_ratio, betas=stage.betas,
@@ -109,40 +145,52 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     step, ledger = 0, []
     if ctx.restore_dir:
-        client = eng.load_checkpoint(engine, ctx.restore_dir)
-        step, ledger = int(client["step"]), list(client["ledger"])
+        client, ledger = _restore(engine, ctx, groups, elastic, tmp_root=ctx.tmp_root)
+        step = int(client["step"])
         loader.load_state_dict(client["loader"])
-        log.info("rank %d resumed at step %d (epoch %d)", ctx.rank, step, loader.epoch)
+        log.info("rank %d resumed at step %d (epoch %d)%s", ctx.rank, step, loader.epoch,
+                 f", elastic: {ctx.world_size} workers x {accum} accumulation" if elastic else "")
 
     local_fraction = _local_fraction(engine.module)
-    micro, window = 0, _Window()
+    names = [g["name"] for g in groups]
+    micro = 0
+    window = _Window(sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()))
     while step < total:
         for batch in loader:
+            eng.start_micro_batch(engine)
             loss, metrics = diffusion_step(engine.module, batch, stage.seed, loader.aspect,
                                            stage.objective)
             engine.backward(loss)
+            rates = engine.get_lr()     # this step's rates: engine.step() moves the schedule on
             engine.step()
             ledger.extend(batch.keys)
             window.add(metrics, batch)
             micro += 1
-            if micro % stage.grad_accum:
+            if micro % accum:
                 continue
             step += 1
             checkpoint = step % stage.checkpoint.every_steps == 0 or step == total
-            report = {"step": step, "total_steps": total, "epoch": loader.epoch, "lr": engine.get_lr()[0],
-                      "local_param_fraction": local_fraction, **window.flush(ctx.world_size)}
+            report = {"step": step, "total_steps": total, "epoch": loader.epoch,
+                      "local_param_fraction": local_fraction,
+                      **_learning_rates(rates, names), **_grad_norm(engine),
+                      **window.flush(ctx.world_size)}
+            if ctx.rank == 0 and (step % stage.log_every == 0 or step in (1, total)):
+                line = step_line(stage.name, report)
+                print(line, flush=True)   # the console of `lladav train` (Ray forwards it)
+                log.info(line)
             if ctx.on_step is not None:  # told whether a checkpoint follows (not a metric)
                 ctx.on_step(step, ctx.rank, {**report, "checkpoint": checkpoint})
             if checkpoint:
                 with tempfile.TemporaryDirectory(dir=ctx.tmp_root) as folder:
                     eng.save_checkpoint(engine, folder, {
-                        "step": step, "loader": loader.state_dict(),
-                        "ledger": ledger, "stage": stage.name})
+                        "step": step, "loader": loader.state_dict(), "ledger": ledger,
+                        "stage": stage.name})
                     if ctx.rank == 0:  # the export needs the config beside the shards
                         engine.module.config.save_pretrained(folder)
                     with open(os.path.join(folder, f"ledger-rank{ctx.rank}.json"), "w") as f:
                         json.dump(ledger, f)  # the samples this rank consumed, for audits
-                    seal(folder, ctx.rank, ctx.world_size, step)  # last: lists the files above
+                    seal(folder, ctx.rank, ctx.world_size, step,  # last: lists the files above
+                         {"micro_batch": stage.micro_batch, "grad_accum": accum})
                     ctx.report(report, folder)
             # No report between checkpoints: Ray Train V2 takes one result per controller poll
             # (every 2 s), so reporting every step made each step wait for the poll (bench/
@@ -150,6 +198,70 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
             if step >= total:
                 break
     return {"step": step, "ledger": ledger}
+
+
+def _restore(engine: Any, ctx: WorkerContext, groups: list[dict], elastic: bool,
+             tmp_root: str | None) -> tuple[dict, list[str]]:
+    """Load the checkpoint in ctx.restore_dir; returns (client state, this rank's ledger).
+
+    Same world size: DeepSpeed's own load, each rank its own shard and client state. Another
+    world size (elastic): the checkpoint is converted to DeepSpeed's universal layout once per
+    node (a file lock beside it), loaded by every rank (train/engine.load_universal), and the
+    consumed-sample ledgers of all saved ranks go to rank 0 (the others start empty), so the
+    union of the ledgers stays the run's.
+    """
+    from lladav.train import engine as eng
+
+    if not elastic:
+        client = eng.load_checkpoint(engine, ctx.restore_dir)
+        return client, list(client["ledger"])
+    import glob
+
+    import torch.distributed as dist
+    from filelock import FileLock
+
+    universal = ctx.restore_dir.rstrip("/") + ".universal"
+    with FileLock(universal + ".lock"):
+        if not os.path.exists(os.path.join(universal, "converted")):
+            eng.to_universal(ctx.restore_dir, universal)
+            open(os.path.join(universal, "converted"), "w").close()
+    if dist.is_initialized():
+        dist.barrier()
+    client = eng.load_universal(engine, universal, ctx.restore_dir, [g["name"] for g in groups])
+    ledger: list[str] = []
+    if ctx.rank == 0:
+        names = sorted(glob.glob(os.path.join(ctx.restore_dir, "ledger-rank*.json")),
+                       key=lambda n: int(n.rsplit("rank", 1)[1].split(".")[0]))
+        for name in names:
+            with open(name) as f:
+                ledger += json.load(f)
+    return client, ledger
+
+
+def _learning_rates(rates: list[float], names: list[str]) -> dict[str, float]:
+    """lr (the first group's, as before) and lr/<group> for each trained component."""
+    return {"lr": rates[0], **{f"lr/{n}": r for n, r in zip(names, rates)}}
+
+
+def _grad_norm(engine: Any) -> dict[str, float]:
+    """The global gradient norm of the step (before clipping), when DeepSpeed computed one."""
+    norm = engine.get_global_grad_norm()
+    return {} if norm is None else {"grad_norm": float(norm)}
+
+
+def step_line(stage: str, r: dict[str, Any]) -> str:
+    """One readable line per logging interval (the same values go to MLflow through on_step)."""
+    parts = [f"stage {stage} step {r['step']}/{r['total_steps']}", f"loss {r['loss']:.4f}"]
+    if "answer_loss" in r:
+        parts.append(f"answer_loss {r['answer_loss']:.4f}")
+    if "grad_norm" in r:
+        parts.append(f"grad_norm {r['grad_norm']:.3g}")
+    parts.append("lr " + " ".join(f"{k[3:]}={v:.2e}" for k, v in r.items() if k.startswith("lr/")))
+    parts += [f"{r['samples_per_s']:.1f} samples/s", f"{r['tokens_per_s']:.0f} tokens/s",
+              f"pad {100 * r['padding_fraction']:.1f}%"]
+    if "mfu" in r:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    return " | ".join(parts)
 
 
 def _local_fraction(model: Any) -> float:
@@ -162,34 +274,66 @@ def _local_fraction(model: Any) -> float:
     return local / max(full, 1)
 
 
-class _Window:
-    """Throughput, padding and the answer-only metrics over the micro-batches of one optimizer
-    step. answer_loss / answer_accuracy: mean cross-entropy and argmax accuracy at the masked
-    positions inside the assistant's words (NaN-free: absent when no such position was masked);
-    a model that learnt the template but not the answers shows a low total loss beside a high
-    answer_loss."""
+PEAK_BF16_FLOPS = {"H100": 989e12, "H800": 989e12, "H200": 989e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+"""Dense bf16 peak per GPU by device-name fragment (vendor data sheets), for the MFU estimate."""
 
-    def __init__(self) -> None:
-        self.t0, self.samples, self.tokens, self.pad, self.losses = time.perf_counter(), 0, 0, 0.0, []
-        self.answer_masked, self.answer_ce, self.answer_correct = 0, 0.0, 0
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums over all ranks (one small collective; every rank calls it at every step)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+class _Window:
+    """The metrics of one optimizer step, summed over its micro-batches and all ranks: the global
+    mean loss (every rank reports the same value), throughput, padding, and the answer-only
+    metrics. answer_loss / answer_accuracy: mean cross-entropy and argmax accuracy at the masked
+    positions inside the assistant's words (absent when no such position was masked); a model
+    that learnt the template but not the answers shows a low loss beside a high answer_loss.
+    mfu (GPU only): 6 x parameters x tokens/s over the GPUs' dense bf16 peak."""
+
+    FIELDS = ("loss", "micro", "samples", "tokens", "pad", "answer_masked", "answer_ce",
+              "answer_correct")
+
+    def __init__(self, parameters: int = 0) -> None:
+        self.parameters = parameters
+        self.t0 = time.perf_counter()
+        self.sums = dict.fromkeys(self.FIELDS, 0.0)
 
     def add(self, metrics: dict[str, Any], batch: Any) -> None:
-        self.samples += len(batch.keys)
-        self.tokens += metrics["tokens"]
-        self.pad += batch.padding_fraction * len(batch.keys)
-        self.losses.append(metrics["loss"])
-        self.answer_masked += metrics["answer_masked"]
-        self.answer_ce += metrics["answer_ce"]
-        self.answer_correct += metrics["answer_correct"]
+        n = len(batch.keys)
+        for key, value in (("loss", metrics["loss"]), ("micro", 1), ("samples", n),
+                           ("tokens", metrics["tokens"]), ("pad", batch.padding_fraction * n),
+                           ("answer_masked", metrics["answer_masked"]),
+                           ("answer_ce", metrics["answer_ce"]),
+                           ("answer_correct", metrics["answer_correct"])):
+            self.sums[key] += value
 
     def flush(self, world_size: int) -> dict[str, float]:
+        total = dict(zip(self.FIELDS, _all_reduce_sum([self.sums[k] for k in self.FIELDS])))
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        out = {"loss": sum(self.losses) / len(self.losses),
-               "samples_per_s": self.samples * world_size / dt,
-               "tokens_per_s": self.tokens * world_size / dt,
-               "padding_fraction": self.pad / max(self.samples, 1)}
-        if self.answer_masked:
-            out["answer_loss"] = self.answer_ce / self.answer_masked
-            out["answer_accuracy"] = self.answer_correct / self.answer_masked
-        self.__init__()
+        out = {"loss": total["loss"] / max(total["micro"], 1),
+               "samples_per_s": total["samples"] / dt, "tokens_per_s": total["tokens"] / dt,
+               "padding_fraction": total["pad"] / max(total["samples"], 1)}
+        if total["answer_masked"]:
+            out["answer_loss"] = total["answer_ce"] / total["answer_masked"]
+            out["answer_accuracy"] = total["answer_correct"] / total["answer_masked"]
+        peak = _peak_flops()
+        if peak and self.parameters:
+            out["mfu"] = 6 * self.parameters * out["tokens_per_s"] / (world_size * peak)
+        self.__init__(self.parameters)
         return out

@@ -175,9 +175,36 @@ def test_stop_save_and_resume_gives_exactly_the_rest_of_the_stream(mixture_uri, 
     assert epoch_keys[0] != epoch_keys[1]
 
 
+def test_a_state_resumes_at_another_world_size_with_the_same_global_batches(mixture_uri):
+    """Elastic resume: 2 ranks x 1 micro-batch per step, stopped after 3 steps, continue as one
+    rank taking 2 micro-batches per step, and the other way; the global batches are the same."""
+    def run(world, steps_before, new_world):
+        first = [_loader(mixture_uri, world_size=world, rank=r, step_batches=2) for r in range(world)]
+        streams = [iter(ld) for ld in first]
+        per_rank = 2 // world
+        head = [b.index for _ in range(steps_before * per_rank) for s in streams for b in [next(s)]]
+        state = first[0].state_dict()
+        second = [_loader(mixture_uri, world_size=new_world, rank=r, step_batches=2)
+                  for r in range(new_world)]
+        for ld in second:
+            ld.load_state_dict(state)
+        tail = [b.index for ld in second for b in ld]
+        return sorted(head + tail)
+
+    everything = run(2, 3, 2)
+    assert run(2, 3, 1) == everything == run(1, 3, 2)
+    assert everything == list(range(len(everything)))            # each global batch once
+    bad = _loader(mixture_uri, world_size=2, rank=0, step_batches=2)
+    it = iter(bad)
+    next(it)
+    odd = {**bad.state_dict(), "world_size": 1}                    # one batch: not a whole step
+    with pytest.raises(ValueError, match="do not split over 2 ranks"):
+        _loader(mixture_uri, world_size=2, rank=1, step_batches=2).load_state_dict(odd)
+
+
 def test_state_of_another_split_or_mixture_setup_is_refused(mixture_uri):
     state = _loader(mixture_uri, world_size=2, rank=1).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="step_batches: 2 vs 1"):   # another global batch
         _loader(mixture_uri).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         _loader(mixture_uri, world_size=2, seed=12).load_state_dict(state)

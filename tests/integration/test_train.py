@@ -79,6 +79,24 @@ def test_zero3_partitions_and_stage1_trains_only_the_projector(tmp_path, mixture
     # ZeRO-3 partitions for real: each of the 2 ranks holds about half of the parameters.
     assert all(0.45 < r["local"] < 0.6 for r in steps)
     assert sorted(r["step"] for r in steps if r["rank"] == 0) == list(range(1, 7))
+    # The step's metrics are global: the all-reduced mean loss and DeepSpeed's global gradient
+    # norm are the same on both ranks, and the only trained group has its own learning rate.
+    by_step = {}
+    for r in steps:
+        by_step.setdefault(r["step"], {})[r["rank"]] = r
+    for step, ranks in by_step.items():
+        assert ranks[0]["loss"] == ranks[1]["loss"], step
+        assert ranks[0]["grad_norm"] == ranks[1]["grad_norm"] and ranks[0]["grad_norm"] > 0, step
+        assert set(ranks[0]["lr"]) == {"lr/projector"}
+    assert by_step[6][0]["lr"]["lr/projector"] < by_step[2][0]["lr"]["lr/projector"]  # cosine
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path(), "logs", "train")
+    lines = [json.loads(line)["message"] for f in sorted(logs.glob("ray-train-app-worker-*.log"))
+             for line in f.read_text().splitlines() if "stage stage1 step " in line]
+    last = [m for m in lines if m.startswith("stage stage1 step 6/6 | loss ")]
+    assert last and "| grad_norm " in last[-1] and "lr projector=" in last[-1], lines
+    assert f"loss {by_step[6][0]['loss']:.4f}" in last[-1]
 
     after, before = export_state(result.export_uri), init.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -107,6 +125,38 @@ def test_lost_worker_resumes_from_s3_checkpoint_and_matches_uninterrupted_run(tm
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert ledgers(_ckpt_uri(clean)) == ledgers(_ckpt_uri(faulty))
     assert len(ledgers(_ckpt_uri(clean))) == 2 and len(ledgers(_ckpt_uri(clean))[0]) == 24
+
+
+def test_a_stage_resumes_on_another_worker_count_with_the_same_global_batch(tmp_path, mixture):
+    """Elastic resume: checkpointed at 2 workers (step 3), a worker lost at step 4 with no
+    restart, the stage resumed at 1 worker (accumulation 2); and a run started at 1 worker
+    (accumulation 2) resumed at 2. Both equal an uninterrupted 2-worker run: the losses of the
+    resumed steps, the consumed-sample ledgers and the export."""
+    from ray.train import TrainingFailedError
+
+    from lladav.train.launch import run_stage
+
+    one = {"workers": 1, "cpus_per_worker": 0.5}
+    clean = run_stage(stage(tmp_path / "clean", mixture, name="clean", max_steps=6),
+                      on_step=StepRecorder(str(tmp_path / "clean.jsonl")))
+    reference = {r["step"]: r["loss"] for r in records(tmp_path / "clean.jsonl") if r["rank"] == 0}
+    for name, first, then, die_rank in (("shrink", {}, {"scaling": one}, 1),
+                                        ("grow", {"scaling": one, "grad_accum": 2}, {}, 0)):
+        folder = tmp_path / name
+        with pytest.raises(TrainingFailedError):
+            run_stage(stage(folder, mixture, name=name, max_steps=6, max_failures=0, **first),
+                      on_step=StepRecorder(str(folder) + "-1.jsonl", die_at=4, die_rank=die_rank))
+        result = run_stage(stage(folder, mixture, name=name, max_steps=6, **then),
+                           on_step=StepRecorder(str(folder) + "-2.jsonl"))
+        resumed = {r["step"]: r["loss"] for r in records(Path(str(folder) + "-2.jsonl"))
+                   if r["rank"] == 0}
+        assert sorted(resumed) == [4, 5, 6], name
+        for step, loss in resumed.items():
+            assert abs(loss - reference[step]) < 1e-5, (name, step, loss, reference[step])
+        assert sorted(k for ledger in ledgers(result.checkpoint_path) for k in ledger) == \
+            sorted(k for ledger in ledgers(clean.checkpoint_path) for k in ledger)
+        a, b = export_state(clean.export_uri), export_state(result.export_uri)
+        assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a), name
 
 
 def _ckpt_uri(result) -> str:

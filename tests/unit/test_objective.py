@@ -243,3 +243,32 @@ def test_a_samples_masks_do_not_depend_on_its_batch_or_rank(tok, samples, model)
     assert torch.equal(masks_of(["b", "a"], "a")[:len(alone)], alone)
     assert torch.equal(masks_of(["b", "a", "c"], "a", packs=[[0, 1], [2]]), alone)
     assert mask_seed(11, 0, "a") != mask_seed(11, 1, "a") != mask_seed(12, 0, "a")
+
+
+# ---- elastic resume: the accumulation that keeps the global batch --------------------------------
+
+def test_resume_accumulation_keeps_the_global_batch_or_says_why():
+    from lladav.train.loop import ElasticError, resume_accumulation
+
+    saved = {"world_size": 2, "micro_batch": 2, "grad_accum": 2}       # 8 samples per step
+    assert resume_accumulation(saved, 2, 1) == 4
+    assert resume_accumulation(saved, 2, 4) == 1
+    with pytest.raises(ElasticError, match=r"global batch of 8 samples \(2 workers x micro_batch 2 "
+                                           r"x grad_accum 2\); 3 workers"):
+        resume_accumulation(saved, 2, 3)
+    with pytest.raises(ElasticError, match="8 workers x micro_batch 2 cannot make it"):
+        resume_accumulation(saved, 2, 8)
+    with pytest.raises(ElasticError, match="without its batch topology"):
+        resume_accumulation({"world_size": 2, "micro_batch": None, "grad_accum": None}, 2, 1)
+
+
+def test_the_step_line_carries_the_global_loss_grad_norm_and_rates():
+    from lladav.train.loop import step_line
+
+    line = step_line("s2", {"step": 10, "total_steps": 100, "loss": 2.5, "grad_norm": 0.75,
+                            "lr": 1e-5, "lr/projector": 1e-5, "lr/language_model": 2e-6,
+                            "samples_per_s": 12.5, "tokens_per_s": 4000.0,
+                            "padding_fraction": 0.031, "answer_loss": 3.25})
+    assert line == ("stage s2 step 10/100 | loss 2.5000 | answer_loss 3.2500 | grad_norm 0.75 | "
+                    "lr projector=1.00e-05 language_model=2.00e-06 | 12.5 samples/s | "
+                    "4000 tokens/s | pad 3.1%")
