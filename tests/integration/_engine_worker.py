@@ -141,9 +141,52 @@ def main() -> None:
     except KeyError as e:
         result["strict_error"] = str(e)
 
+    result["head"] = head_vs_full_logits(ds_config, rank)
+
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()
+
+
+def head_vs_full_logits(ds_config: dict, rank: int) -> dict:
+    """The training step's loss (hidden states, head on the masked rows in chunks) and the
+    pre-change path's (full (B, L, V) logits, then diffusion_loss), each on a fresh engine from
+    the same init, under the same masks: the loss and every full gradient (safe_get_full_grad,
+    after backward) compared on rank 0."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from lladav.config import Objective
+    from lladav.data.loader import Batch
+    from lladav.diffusion import diffusion_loss
+    from lladav.train import step as st
+
+    ids = torch.randint(3, 64, (3, 24), generator=torch.Generator().manual_seed(50 + rank))
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[:, 8:] = True
+    batch = Batch(ids, targets, targets.clone(), [[], [], []], [[], [], []],
+                  [f"r{rank}s{i}" for i in range(3)], [24] * 3, 0, 0, 0, [24] * 3, True)
+    objective = Objective(head_chunk=5)
+    out = {}
+    for path in ("rows", "full"):
+        engine = new_engine(ds_config)
+        eng.start_micro_batch(engine)
+        model = engine.module
+        if path == "rows":
+            loss, _ = st.diffusion_step(model, batch, seed=9, objective=objective)
+        else:
+            rows = st.batch_rows(model, batch)
+            (masked, p), = st.batch_masks(rows, batch.keys, 9, 0, objective)
+            noisy = torch.where(masked[..., None], model.mask_embedding, rows.embeds)
+            logits = model(inputs_embeds=noisy).logits
+            loss = diffusion_loss(logits, rows.labels, masked, rows.targets, p)
+        engine.backward(loss)
+        grads = {n: safe_get_full_grad(p) for n, p in model.named_parameters() if p.requires_grad}
+        out[path] = (float(loss), {n: g.detach().clone() for n, g in grads.items() if g is not None})
+    (loss_rows, g_rows), (loss_full, g_full) = out["rows"], out["full"]
+    return {"loss_rows": loss_rows, "loss_full": loss_full, "params": len(g_full),
+            "same_names": sorted(g_rows) == sorted(g_full),
+            "max_grad_diff": max(float((g_rows[n] - g_full[n]).abs().max()) for n in g_full),
+            "max_grad": max(float(g.abs().max()) for g in g_full.values())}
 
 
 if __name__ == "__main__":

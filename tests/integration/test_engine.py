@@ -59,6 +59,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[Path,
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def test_the_masked_row_head_gives_full_logits_loss_and_gradients_under_zero3(run):
+    """Issue 14: hidden states + the chunked head on masked rows, against full (B, L, V)
+    logits + diffusion_loss, on 2-rank ZeRO-3 (each rank its own batch, fp32)."""
+    for rank in run[1]:
+        head = rank["head"]
+        assert abs(head["loss_rows"] - head["loss_full"]) < 1e-5, head
+        assert head["same_names"] and head["params"] > 20
+        assert head["max_grad"] > 1e-3 and head["max_grad_diff"] < 1e-5, head
+
+
 def test_every_parameter_is_split_across_the_two_ranks(run):
     _, ranks = run
     for result in ranks:
