@@ -344,12 +344,99 @@ def padding(mixture: str) -> tuple[float, str]:
     return fractions[True], f"{fractions[True]:.1%} padding with grouping"
 
 
+# ---- 4. packing and complementary masking --------------------------------------------------------
+
+def objective_stage(mixture: str, steps: int, **extra):
+    from lladav.config import parse_stage
+
+    data = {"name": "bench-objective", "init": {"flavor": "tiny"}, "mixture": mixture,
+            "trainable": {"vision_tower": 1e-4, "projector": 1e-3, "language_model": 1e-4},
+            "micro_batch": MICRO_BATCH, "grad_accum": 1, "max_steps": steps, "warmup_ratio": 0.1,
+            "precision": "fp32", "seed": 0, "loader_workers": 0, "group_by_length": True,
+            "output": str(OUT / "export" / "objective")}
+    data.update(extra)
+    return parse_stage(data)
+
+
+def timed_steps(stage, steps: int, warmup: int) -> dict[str, float]:
+    """In-process: prepare as train/loop.py does, then `warmup` + `steps` optimizer steps over
+    the loader (read and decode included, one thread). Samples/s and tokens/s over the timed
+    steps, and the loader's padding fraction over the same batches."""
+    from lladav.data.loader import MixtureLoader
+    from lladav.train import engine as eng
+    from lladav.train.loop import prepare_model
+    from lladav.train.step import diffusion_step
+
+    model, groups, _, ds_config = prepare_model(stage, world_size=1)
+    engine = eng.initialize(model, groups, ds_config, total_steps=warmup + steps,
+                            warmup_ratio=0.1)
+    loader = MixtureLoader(stage.mixture, batch_size=stage.micro_batch, rank=0, world_size=1,
+                           num_workers=0, seed=stage.seed, group_by_length=stage.group_by_length,
+                           end_of_answer=stage.end_of_answer, packing=stage.packing)
+    samples = tokens = 0
+    pad: list[float] = []
+    t0 = None
+    for i, batch in enumerate(b for _ in range(100) for b in loader):
+        if i == warmup:
+            t0 = time.perf_counter()
+        if i == warmup + steps:
+            break
+        eng.start_micro_batch(engine)
+        loss, metrics = diffusion_step(engine.module, batch, stage.seed, loader.aspect,
+                                       stage.objective)
+        engine.backward(loss)
+        engine.step()
+        if t0 is not None:
+            samples += len(batch.keys)
+            tokens += metrics["tokens"]
+            pad.append(batch.padding_fraction)
+    dt = time.perf_counter() - t0
+    return {"samples_per_s": samples / dt, "tokens_per_s": tokens / dt,
+            "step_s": dt / steps, "pad": statistics.mean(pad)}
+
+
+def packing_and_complementary(mixture: str, steps: int, warmup: int, budget: int,
+                              rounds: int) -> list[tuple[bool, str]]:
+    from lladav.data.manifest import open_mixture
+
+    torch.set_num_threads(THREADS)
+    lengths = sorted(r["n_tokens"] for r in open_mixture(mixture).manifest().to_pylist())
+    runs = {"grouped": {}, "packed": {"packing": {"token_budget": budget}, "micro_batch": 1},
+            "grouped+complementary": {"objective": {"complementary": True}}}
+    results: dict[str, list[dict]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            out = timed_steps(objective_stage(mixture, warmup + steps, **runs[name]), steps, warmup)
+            results[name].append(out)
+            print(f"  round {r} {name:<22} {out['samples_per_s']:6.1f} samples/s "
+                  f"{out['tokens_per_s']:7.0f} tokens/s  step {out['step_s'] * 1e3:6.0f} ms  "
+                  f"pad {out['pad']:.3f}", flush=True)
+    med = {k: {f: statistics.median(o[f] for o in v) for f in v[0]} for k, v in results.items()}
+    print(f"compared: tiny LLaDA-V, fp32, one thread, in-process ZeRO-3, {len(lengths)} samples "
+          f"of spliced lengths p10/p50/p90/max "
+          f"{'/'.join(str(lengths[int(q * (len(lengths) - 1))]) for q in (0.1, 0.5, 0.9, 1.0))};"
+          f" grouped: micro-batch {MICRO_BATCH}, group_by_length; packed: one row of "
+          f"token_budget {budget} per micro-batch; {steps} steps after {warmup}, {rounds} rounds")
+    speed = med["packed"]["samples_per_s"] / med["grouped"]["samples_per_s"]
+    extra = med["grouped+complementary"]["step_s"] / med["grouped"]["step_s"] - 1
+    for name, m in med.items():
+        print(f"{name:<22} {m['samples_per_s']:6.1f} samples/s {m['tokens_per_s']:7.0f} "
+              f"tokens/s, pad {m['pad']:.3f}")
+    return [(med["packed"]["pad"] <= 0.01, f"packing: pad {med['packed']['pad']:.2%} (target "
+             f"<= 1%; grouped {med['grouped']['pad']:.2%})"),
+            (speed >= 1.2, f"packing: {speed:.2f}x samples/s of grouping (target >= 1.2x)"),
+            (extra <= 0.15, f"complementary masking: step time {extra:+.1%} (target <= +15%)")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=8, help="steps dropped at the start")
     parser.add_argument("--rounds", type=int, default=4, help="bare/lladav pairs (ABBA order)")
     parser.add_argument("--samples", type=int, default=2048, help="stage-2-like mixture size")
+    parser.add_argument("--only-objective", action="store_true",
+                        help="run only section 4 (packing, complementary masking)")
+    parser.add_argument("--budget", type=int, default=4096, help="packing token budget")
     parser.add_argument("--bare", nargs=2, metavar=("STAGE_JSON", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -367,6 +454,18 @@ def main() -> None:
     try:
         tiny, anyres = prepare_mixtures(args.samples)
         print(f"mixtures ready in {time.perf_counter() - start:.0f} s", flush=True)
+        stage2_tiny = build_mixture("bench-step-stage2-tiny", OUT / "shapes" / "tokenizer",
+                                    stage2_corpus(OUT / f"stage2-{args.samples}", args.samples),
+                                    OUT / f"mixture-stage2-tiny-{args.samples}",
+                                    {"tile_size": 32, "patch_size": 8, "max_grid": 2},
+                                    samples_per_shard=256, max_length=args.budget)
+        if args.only_objective:
+            ray.shutdown()
+            print("== 4. packing and complementary masking, stage-2-like lengths", flush=True)
+            verdicts = packing_and_complementary(stage2_tiny, 20, 3, args.budget, 2)
+            for ok, line in verdicts:
+                print(f"{'MET   ' if ok else 'MISSED'} {line}")
+            sys.exit(0 if all(ok for ok, _ in verdicts) else 1)
         print("== 1. step time: lladav train vs a bare DeepSpeed loop", flush=True)
         ratio, said_overhead = overhead(tiny, args.steps, args.warmup, args.rounds)
     finally:
@@ -375,7 +474,9 @@ def main() -> None:
     rate, said_rate = loader_speed(anyres)
     print("== 3. padding, stage-2-like lengths", flush=True)
     pad, said_pad = padding(anyres)
-    verdicts = [(ratio <= OVERHEAD_TARGET, f"step overhead: {said_overhead} "
+    print("== 4. packing and complementary masking, stage-2-like lengths", flush=True)
+    objective_verdicts = packing_and_complementary(stage2_tiny, 20, 3, args.budget, 2)
+    verdicts = [*objective_verdicts, (ratio <= OVERHEAD_TARGET, f"step overhead: {said_overhead} "
                  f"(target <= {OVERHEAD_TARGET:.0%})"),
                 (rate >= LOADER_TARGET, f"loader: {said_rate} (target >= {LOADER_TARGET:.0f})"),
                 (pad <= PADDING_TARGET, f"padding: {said_pad} (target <= {PADDING_TARGET:.0%})")]

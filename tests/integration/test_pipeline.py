@@ -73,6 +73,10 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     metrics = client.get_run(suite["run_id"]).data.metrics
     assert 0.0 <= metrics["cpu_mini_mc/accuracy"] <= 1.0 and metrics["cpu_mini_mc/seconds_per_sample"] > 0
     assert metrics["cpu_mini_mc/forward_passes_per_answer"] <= 2  # 2 tokens, 2 steps
+    # each stage run holds the step log's values: global loss, grad norm, lr per group, speed
+    stage_metrics = client.get_run(first["stage2"].record["run_id"]).data.metrics
+    assert {"loss", "grad_norm", "samples_per_s", "tokens_per_s", "padding_fraction",
+            "lr/projector"} <= set(stage_metrics), sorted(stage_metrics)
     logged = {a.path for a in client.list_artifacts(suite["run_id"], "lmms_eval")}
     assert any(p.endswith("_samples_cpu_mini_mc.jsonl") for p in logged), logged
 
