@@ -8,7 +8,9 @@ Resuming: a lost worker makes Ray Train restart the whole group (up to `max_fail
 each new worker finds the last reported checkpoint with `ray.train.get_checkpoint()` and the
 loop continues from it. Rerunning a stage with the same run name and storage (the pipeline's
 step key) makes Ray Train restore that run's latest checkpoint the same way (Ray 2.60, Train V2:
-`resume_from_checkpoint` is gone; a run snapshot in storage is picked up by name).
+`resume_from_checkpoint` is gone; a run snapshot in storage is picked up by name). The rerun
+may use another `scaling.workers`: the loop keeps the checkpoint's global batch by recomputing
+the accumulation (train/loop.py, elastic resume) or stops saying which worker counts can.
 
 A damaged checkpoint does not block the stage: before loading, the workers verify the one Ray
 hands back against its ranks' integrity files (train/checkpoints.py), each rank hashing its own

@@ -7,10 +7,15 @@ No Ray import: distribution arrives as a `WorkerContext` (rank, world size, wher
 what to resume from), built by train/launch.py under Ray Train or by a test in-process.
 
 A checkpoint is DeepSpeed's sharded checkpoint plus, in each rank's client state, the loader's
-state, the RNG state of the masking generator, the step and the ledger of sample keys this rank
-consumed: restoring it continues with exactly the next sample and the same random draws. Each
-rank seals its files last (train/checkpoints.py), so a resume can tell an intact checkpoint from
-a damaged one.
+state, the step and the ledger of sample keys this rank consumed: restoring it continues with
+exactly the next sample, and the masks need no saved state (each sample's come from (seed,
+epoch, key), diffusion.mask_seed). Each rank seals its files last with the run's topology
+(train/checkpoints.py), so a resume can tell an intact checkpoint from a damaged one, and one at
+another world size can keep the global batch (elastic resume, `_restore`).
+
+Every optimizer step all-reduces its metrics (the global mean loss, throughput, padding, the
+answer-only sums), adds DeepSpeed's global gradient norm and each group's learning rate, passes
+them to `on_step` (MLflow in a pipeline) and prints a step line on rank 0 every `log_every`.
 
 Owns: the order of work inside one worker. Does not own: the step's math (train/step.py),
 DeepSpeed calls (train/engine.py), the data order (data/loader.py), Ray (train/launch.py).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -228,6 +234,9 @@ def _restore(engine: Any, ctx: WorkerContext, groups: list[dict], elastic: bool,
     if dist.is_initialized():
         dist.barrier()
     client = eng.load_universal(engine, universal, ctx.restore_dir, [g["name"] for g in groups])
+    if dist.is_initialized():
+        dist.barrier()                       # every rank has read it: the copy can go
+    shutil.rmtree(universal, ignore_errors=True)
     ledger: list[str] = []
     if ctx.rank == 0:
         names = sorted(glob.glob(os.path.join(ctx.restore_dir, "ledger-rank*.json")),
