@@ -232,10 +232,13 @@ def train_cmd(
 ) -> None:
     """Run a training stage on Ray Train + DeepSpeed and publish its consolidated export."""
     from lladav.config import load_stage
+    from lladav.data.build import ensure_ray
     from lladav.train.launch import run_stage
 
     with _known_errors():
-        result = run_stage(load_stage(stage), run_name=run_name)
+        config = load_stage(stage)
+        ensure_ray(log_to_driver=True)   # the workers' step lines reach this console
+        result = run_stage(config, run_name=run_name)
     console.print(f"export: [bold]{result.export_uri}[/]  (last checkpoint {result.checkpoint_path})")
     console.print({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
 

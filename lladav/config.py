@@ -51,6 +51,11 @@ MAX_WEIGHT = 100.0
 """Ceiling of a source's weight: more repeats of one record than this is a typo, not a recipe."""
 
 
+LICENSE_PATTERN = r"^(unknown|https?://\S+|[A-Za-z0-9.+-]+( (AND|OR|WITH) [A-Za-z0-9.+-]+)*)$"
+"""A source's licence: `unknown`, an http(s) URL, or an SPDX id / simple expression (checked for
+shape only: an SPDX list would refuse the custom licences (LicenseRef-...) corpora often carry)."""
+
+
 class Source(StrictModel):
     """One corpus in a mixture (data/sources.py reads it)."""
 
@@ -75,6 +80,17 @@ class Source(StrictModel):
     """User turn for caption-only records (webdataset tars with a txt caption)."""
     filters: SourceFilters = SourceFilters()
     """Record filters applied before deduplication."""
+    license: str = Field(default="unknown", pattern=LICENSE_PATTERN)
+    """The corpus's licence: an SPDX id (`CC-BY-4.0`, `Apache-2.0`, an SPDX expression such as
+    `CC-BY-4.0 OR MIT`), a URL to the terms, or `unknown` (the default, said out loud in every
+    report). It is carried to each manifest row, mixture.json (samples and tokens per licence),
+    the stage's MLflow run and the export's model version; a pipeline's `forbid_licenses`
+    refuses a source under a listed licence at plan time."""
+    terms: str | None = None
+    """Free-text terms or notes that go with the licence (attribution, restrictions)."""
+    collected: str | None = None
+    """When the corpus was collected, as given (e.g. `2023-01..2023-06`), for the content
+    summary."""
 
 
 class ImageLimits(StrictModel):
@@ -767,6 +783,9 @@ class PipelineConfig(StrictModel):
     mlflow: MlflowSettings = MlflowSettings()
     ray_address: str | None = None
     """Ray cluster to run on; default: $RAY_ADDRESS, else a local Ray."""
+    forbid_licenses: list[str] = []
+    """Licences no source of this pipeline may carry (e.g. `[unknown, CC-BY-NC-4.0]` for a
+    commercial export): `pipeline plan` fails naming each step, recipe and source that does."""
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -216,8 +216,10 @@ class Lineage:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
-    def register_export(self, run_id: str, model_name: str, export_uri: str) -> str:
-        """The export as a new version of registered model `model_name`; returns the version."""
+    def register_export(self, run_id: str, model_name: str, export_uri: str,
+                        tags: dict[str, str] | None = None) -> str:
+        """The export as a new version of registered model `model_name` (with `tags` beside its
+        export URI); returns the version."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -226,7 +228,8 @@ class Lineage:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
         version = self.client.create_model_version(model_name, source=scrub(export_uri), run_id=run_id,
-                                                   tags={f"{PREFIX}export": scrub(export_uri)})
+                                                   tags={f"{PREFIX}export": scrub(export_uri),
+                                                         **(tags or {})})
         return str(version.version)
 
     def latest_metric(self, run_id: str, key: str) -> float | None:

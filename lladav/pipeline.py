@@ -115,6 +115,7 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
     planned: dict[str, PlannedStep] = {}
     towers: dict[str, tuple[int, int, str] | None] = {}
     geometries: dict[str, tuple[VisionGeometry | None, str]] = {}  # data and view steps'
+    forbidden: list[str] = []
     for step in pipe.steps:
         up = {role: planned[ref] for role, ref in step.refs().items()}
         inputs = {role: p.key for role, p in up.items()}
@@ -126,6 +127,8 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         p = PlannedStep(step, key, folder, config, identity)
         if isinstance(step, DataStep):
             geometries[step.name] = (config.vision, f"step {step.name}, recipe {step.recipe}")
+            forbidden += [f"step {step.name} (recipe {step.recipe}): source {s.name} is "
+                          f"{s.license}" for s in config.sources if s.license in pipe.forbid_licenses]
         if isinstance(step, ViewStep):
             geometries[step.name] = _check_view_geometry(p, geometries)
         if isinstance(step, StageStep):
@@ -136,6 +139,10 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         if unchecked and p.state != "done":
             p.state, p.record = "unknown", {"error": unchecked}
         planned[step.name] = p
+    if forbidden:
+        raise ConfigError(f"pipeline {pipe.name} forbids the licences {pipe.forbid_licenses}, "
+                          "but:\n  " + "\n  ".join(forbidden) + "\nRemove those sources from "
+                          "the recipes, or set their `license` if it was wrong")
     return list(planned.values())
 
 
@@ -531,9 +538,12 @@ def _run_stage(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     else:
         init = stage.init.model_dump(exclude_none=True)
         tags["lladav.init"] = ", ".join(f"{k}={v}" for k, v in init.items())
+    licenses = trained_licenses(mixture, ctx.done[step.init]["outputs"] if step.init else None)
+    tags["lladav.licenses"] = ", ".join(licenses) or "none"
     lin.set_tags(run_id, tags)
     if p.state != "interrupted":
         lin.log_config(run_id, "stage", stage.model_dump(mode="json"))
+        lin.log_config(run_id, "licenses", licenses)
         lin.log_dataset(run_id, mixture.info["name"], mixture.uri, mixture.digest, context="train",
                         tags={"lladav.step": step.mixture or ""})
         _log_view_mixtures(lin, run_id, mixture)
@@ -551,10 +561,29 @@ def _run_stage(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     lin.set_tags(run_id, {"lladav.export": result.export_uri.rstrip("/")})
     if ctx.lease:
         ctx.lease.check()  # one model version per export: not from a run that lost the lease
-    version = lin.register_export(run_id, f"{ctx.pipe.name}-{p.name}", result.export_uri)
+    version = lin.register_export(run_id, f"{ctx.pipe.name}-{p.name}", result.export_uri,
+                                  tags={"lladav.licenses": ", ".join(licenses) or "none"})
     _log_graph(lin, run_id, result.export_uri)
     return {"export": result.export_uri, "checkpoints": storage.join(p.folder, "checkpoints"),
-            "steps": steps, "model_version": version}
+            "steps": steps, "model_version": version, "licenses": licenses}
+
+
+def trained_licenses(mixture: Any, parent_outputs: dict[str, Any] | None) -> dict[str, Any]:
+    """The licences an export was trained under: its mixture's (samples and tokens per licence,
+    data/build.license_counts) added to those its init export carried (a parent stage's
+    outputs), so a stage-3 export answers for stages 1 and 2 too."""
+    from lladav.data.manifest import license_counts
+
+    counts = mixture.info.get("counts", {})
+    mine = counts.get("by_license") or license_counts(counts.get("by_source", {}))
+    out = {k: {"sources": list(v["sources"]), "samples": v["samples"], "tokens": v["tokens"]}
+           for k, v in ((parent_outputs or {}).get("licenses") or {}).items()}
+    for name, v in mine.items():
+        entry = out.setdefault(name, {"sources": [], "samples": 0, "tokens": 0})
+        entry["sources"] = sorted(set(entry["sources"]) | set(v["sources"]))
+        entry["samples"] += v["samples"]
+        entry["tokens"] += v["tokens"]
+    return dict(sorted(out.items()))
 
 
 def _poll_steps(lin: Any, run_id: str, update: Progress, stop: threading.Event) -> None:

@@ -509,7 +509,7 @@ def record_error_detail(error: BaseException) -> str:
     return _ADDRESS.sub("", text)[:500]
 
 
-def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
+def _manifest_row(sample: Sample, key: str, shard: str, license: str) -> dict[str, Any]:
     ref = sample.entry.ref
     return {
         "key": key, "shard": shard, "source": ref.source, "source_id": ref.record_id,
@@ -523,6 +523,7 @@ def _manifest_row(sample: Sample, key: str, shard: str) -> dict[str, Any]:
         "n_target_tokens": int((sample.targets != 0).sum()),
         "n_image_tokens": sample.n_image_tokens,
         "image_orientations": list(sample.orientations) or [1] * len(sample.images),
+        "license": license,
     }
 
 
@@ -550,6 +551,7 @@ def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
 
     rows = []
     name = mf.shard_name(shard_index)
+    licenses = {s.name: s.license for s in recipe.sources}
     wanted = {e.index: e for e in entries}
     found: dict[int, Sample] = {}
     for chunk in sorted({e.index // chunk_size for e in entries}):
@@ -571,7 +573,7 @@ def write_shard(recipe: Recipe, out_uri: str, shard_index: int, first_key: int,
         writer = wds.TarWriter(f, user="lladav", group="lladav", mode=0o444, mtime=0, encoder=False)
         for i, sample in enumerate(samples):
             key = f"{first_key + i:09d}"
-            row = _manifest_row(sample, key, name)
+            row = _manifest_row(sample, key, name, licenses[sample.entry.ref.source])
             rows.append(row)
             member = {"__key__": key,
                       "json": canonical_json({**row, "template": recipe.template,
@@ -678,8 +680,9 @@ def _run_tasks(fn: Callable, n: int, make_args: Callable[[int], tuple], num_work
     return [results[i] for i in range(n)] if on_result is None else []
 
 
-def ensure_ray() -> None:
+def ensure_ray(log_to_driver: bool = False) -> None:
     """Join the Ray cluster at RAY_ADDRESS, or start a local one when none is running.
+    `log_to_driver` shows the workers' output on this console (`lladav train`: its step lines).
 
     The workers of an existing cluster were started with the cluster's environment, not this
     process's, so the storage settings set here (S3 endpoint, credentials, retry budget:
@@ -700,7 +703,7 @@ def ensure_ray() -> None:
     if env_vars:
         runtime_env["env_vars"] = env_vars
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
-             log_to_driver=False, runtime_env=runtime_env)
+             log_to_driver=log_to_driver, runtime_env=runtime_env)
 
 
 def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,
@@ -1008,6 +1011,7 @@ def _counts(recipe: Recipe, the_plan: Plan, totals: dict[str, list[int]], reject
     for source in recipe.sources:
         samples, tokens, target_tokens, image_tokens = totals.get(source.name, [0, 0, 0, 0])
         by_source[source.name] = {
+            "license": source.license,
             "records": the_plan.records[source.name],
             "selected": selected[source.name],
             "samples": samples,
@@ -1019,4 +1023,5 @@ def _counts(recipe: Recipe, the_plan: Plan, totals: dict[str, list[int]], reject
         }
     return {"samples": sum(t[0] for t in totals.values()), "rejected": len(rejects),
             "shards": n_shards, "tokens": sum(t[1] for t in totals.values()),
-            "by_source": by_source}
+            "by_source": by_source, "by_license": mf.license_counts(by_source)}
+

@@ -53,6 +53,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("n_image_tokens", pa.int32()),
     ("image_orientations", pa.list_(pa.int8())),  # EXIF orientation per image (1 = upright);
     # widths/heights above are after it is applied, as every reader decodes (images.to_rgb)
+    ("license", pa.string()),          # the source's licence (config.Source.license)
 ])
 
 # A view's manifest: a mixture's columns, but `key` is the view's own sample key
@@ -171,3 +172,16 @@ def _open_view(uri: str) -> View:
     if info.get("format") != VIEW_FORMAT:
         raise ValueError(f"{uri}/{VIEW_JSON}: format {info.get('format')!r}, expected {VIEW_FORMAT}")
     return View(uri, info, sha256_bytes(raw))
+
+
+def license_counts(by_source: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per licence: its sources, samples and tokens (mixture.json's counts.by_license, a view's
+    too)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, counts in sorted(by_source.items()):
+        entry = out.setdefault(counts.get("license", "unknown"),
+                               {"sources": [], "samples": 0, "tokens": 0})
+        entry["sources"].append(name)
+        entry["samples"] += int(counts.get("samples", 0))
+        entry["tokens"] += int(counts.get("tokens", 0))
+    return dict(sorted(out.items()))

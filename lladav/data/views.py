@@ -183,7 +183,11 @@ def select(mixture: mf.Mixture, index: int, weights: dict[str, float],
     view_copy = np.arange(len(take)) - np.repeat(np.cumsum(copies) - copies, copies)
     picked = table.take(pa.array(take, pa.int64()))
     copy_text = pc.cast(pa.array(view_copy, pa.int32()), pa.string())
-    columns = {f.name: picked[f.name] for f in mf.MANIFEST_SCHEMA}
+    columns = {f.name: picked[f.name] for f in mf.MANIFEST_SCHEMA if f.name in picked.column_names}
+    if "license" not in columns:  # a mixture built before manifests carried licences
+        by_source = mixture.info["counts"]["by_source"]
+        columns["license"] = _map_strings(picked["source"], lambda s: by_source.get(s, {}).get(
+            "license", "unknown"))
     columns.update({
         "key": pc.binary_join_element_wise(f"m{index}", picked["key"], copy_text, "-"),
         "shard": _map_strings(picked["shard"], mixture.shard_uri),
@@ -229,6 +233,10 @@ def make_view(mixture_uris: Sequence[str], weights: dict[str, float], out_uri: s
         raise ViewError(f"view {name}: the weights {weights} select no sample")
     manifest_bytes = mf.table_to_bytes(table)
     by_source = _by_source(table)
+    for m in mixtures:   # each source's licence, as its mixture recorded it
+        for source, counts in m.info["counts"]["by_source"].items():
+            if source in by_source:
+                by_source[source].setdefault("license", counts.get("license", "unknown"))
     info = {
         "format": mf.VIEW_FORMAT,
         "name": name,
@@ -238,7 +246,8 @@ def make_view(mixture_uris: Sequence[str], weights: dict[str, float], out_uri: s
         "tokenizer": mixtures[0].info["tokenizer"],
         "geometry": mixtures[0].geometry.model_dump(mode="json"),
         "counts": {"samples": table.num_rows, "shards": len(shards),
-                   "tokens": sum(c["tokens"] for c in by_source.values()), "by_source": by_source},
+                   "tokens": sum(c["tokens"] for c in by_source.values()), "by_source": by_source,
+                   "by_license": mf.license_counts(by_source)},
         "shards": shards,
         "manifest": {"name": mf.MANIFEST, "sha256": sha256_bytes(manifest_bytes),
                      "rows": table.num_rows},

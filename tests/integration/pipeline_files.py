@@ -23,7 +23,8 @@ def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str 
         (root / f"mix_{stage}.yaml").write_text(yaml.safe_dump({
             "name": f"mix-{stage}", "tokenizer": str(corpus / "tokenizer"), "max_length": 512,
             "samples_per_shard": 64, "seed": 0, "vision": VISION,
-            "sources": [{"name": source, "kind": "llava_json", "location": str(corpus / "corpus" / file)}]}))
+            "sources": [{"name": source, "kind": "llava_json", "location": str(corpus / "corpus" / file),
+                         **({"license": "CC-BY-4.0"} if stage == "stage1" else {})}]}))
         trainable = ({"projector": 3e-3} if stage == "stage1" else
                      {"vision_tower": 1e-3, "projector": 3e-3, "language_model": 3e-3})
         (root / f"{stage}.yaml").write_text(yaml.safe_dump({

@@ -202,6 +202,42 @@ def test_a_state_resumes_at_another_world_size_with_the_same_global_batches(mixt
         _loader(mixture_uri, world_size=2, rank=1, step_batches=2).load_state_dict(odd)
 
 
+def test_a_samples_masks_are_bit_identical_at_one_and_two_workers(mixture_uri):
+    """Issue 14: the step's masks come from (seed, epoch, key), so the same sample gets the same
+    masks whichever rank and world size trains it (the loader and step as the loop runs them)."""
+    from lladav.config import Objective
+    from lladav.data.conversation import ChatTokenizer
+    from lladav.data.manifest import open_mixture
+    from lladav.model.flavors import lladav_config_for
+    from lladav.model.lladav import LLaDAVModel
+    from lladav.train import step as st
+
+    tok = ChatTokenizer.from_folder(open_mixture(mixture_uri).info["tokenizer"]["uri"])
+    torch.manual_seed(0)
+    model = LLaDAVModel(lladav_config_for("tiny", tok)).eval()
+    geometry = open_mixture(mixture_uri).geometry          # as train/stage.initial_weights does
+    model.config.image_aspect = geometry.image_aspect
+    model.config.max_grid, model.config.max_tiles_area = geometry.max_grid, geometry.max_tiles_area
+
+    def masks(world: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for rank in range(world):
+            loader = _loader(mixture_uri, world_size=world, rank=rank, step_batches=2,
+                             end_of_answer=EndOfAnswer(policy="eos_tail"))
+            for batch, _ in zip(loader, range(6 // world)):
+                with torch.no_grad():
+                    rows = st.batch_rows(model, batch, loader.aspect)
+                (masked, _), = st.batch_masks(rows, batch.keys, 0, batch.epoch, Objective())
+                for i, key in enumerate(batch.keys):
+                    out[key] = masked[i, :batch.n_tokens[i] + batch.eos_tails[i]].clone()
+        return out
+
+    one, two = masks(1), masks(2)
+    assert len(one) == 24 and one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert sum(int(m.sum()) for m in one.values()) > 24
+
+
 def test_state_of_another_split_or_mixture_setup_is_refused(mixture_uri):
     state = _loader(mixture_uri, world_size=2, rank=1).state_dict()
     with pytest.raises(ValueError, match="step_batches: 2 vs 1"):   # another global batch

@@ -101,6 +101,21 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     assert artifacts == ["lineage/lineage.png"]
     versions = client.search_model_versions("name='ptest-stage3'")
     assert [v.source for v in versions] == [export]
+    # licences: stage 1's captions are CC-BY-4.0, the other corpora say nothing (unknown); the
+    # stage-3 export answers for all three stages, in its outputs, its run and its model version
+    from lladav.data.manifest import open_mixture
+
+    mix1 = open_mixture(first["mix-stage1"].record["outputs"]["mixture"])
+    assert mix1.info["counts"]["by_license"] == {"CC-BY-4.0": {
+        "sources": ["captions"], "samples": mix1.info["counts"]["samples"],
+        "tokens": mix1.info["counts"]["tokens"]}}
+    assert set(mix1.manifest().column("license").to_pylist()) == {"CC-BY-4.0"}
+    licenses = first["stage3"].record["outputs"]["licenses"]
+    assert {k: v["sources"] for k, v in licenses.items()} == {"CC-BY-4.0": ["captions"],
+                                                            "unknown": ["qa", "reasoning"]}
+    assert licenses["CC-BY-4.0"]["samples"] == mix1.info["counts"]["samples"]
+    assert versions[0].tags["lladav.licenses"] == "CC-BY-4.0, unknown"
+    assert client.get_run(first["stage1"].record["run_id"]).data.tags["lladav.licenses"] == "CC-BY-4.0"
 
     # lineage trace: exactly the exports whose stages read the record, and their descendants.
     # The MLflow server is shared by the tests of this xdist worker, and other tests' pipelines

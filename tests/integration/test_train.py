@@ -104,6 +104,28 @@ def test_zero3_partitions_and_stage1_trains_only_the_projector(tmp_path, mixture
     assert any(n.startswith("mm_projector.") for n in changed)
 
 
+def test_lladav_train_prints_the_step_line(tmp_path, mixture, ray_cluster):
+    """`lladav train` on the console: one line per step (log_every 1) from rank 0 with the global
+    loss and the gradient norm, as a user running it sees them."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump(stage(tmp_path, mixture, name="cli", max_steps=2,
+                                         log_every=1).model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "lladav.cli", "train", str(path)],
+                          env={**os.environ, "RAY_ADDRESS": ray_cluster}, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    lines = [line[line.index("stage cli step"):] for line in out.splitlines()
+             if "stage cli step" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["stage cli step 1/2", "stage cli step 2/2"]
+    assert all(" | loss " in line and " | grad_norm " in line and " tokens/s" in line
+               for line in lines), lines
+    assert "export: " in proc.stdout
+
+
 def test_lost_worker_resumes_from_s3_checkpoint_and_matches_uninterrupted_run(tmp_path, mixture, s3_bucket):
     from lladav.train.launch import run_stage
 

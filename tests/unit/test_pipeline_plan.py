@@ -240,3 +240,32 @@ def test_a_recipe_built_for_another_tower_fails_the_plan_naming_both(tmp_path):
     assert "stage train" in text and "own_corpus.yaml" in text
     assert "384 px tiles of 14 px patches" in text and "32 px tiles of 8 px patches" in text
     assert "flavor tiny" in text and "tile_size: 32, patch_size: 8" in text
+
+
+def test_a_forbidden_licence_fails_the_plan_naming_the_sources(files):
+    assert {p.name for p in plan(load_pipeline(files))} >= {"mix-stage1", "stage3"}
+    edit(files, lambda d: d.update(forbid_licenses=["unknown", "CC-BY-NC-4.0"]))
+    with pytest.raises(ConfigError) as err:
+        plan(load_pipeline(files))
+    text = str(err.value)
+    assert "forbids the licences ['unknown', 'CC-BY-NC-4.0']" in text
+    assert re.search(r"step mix-stage2 \(recipe \S*mix_stage2.yaml\): source qa is unknown", text)
+    assert re.search(r"step mix-stage3 \(recipe \S*mix_stage3.yaml\): source reasoning is "
+                     r"unknown", text)
+    assert "mix-stage1" not in text                        # CC-BY-4.0 is allowed
+    edit(files, lambda d: d.update(forbid_licenses=["CC-BY-4.0"]))
+    with pytest.raises(ConfigError, match="source captions is CC-BY-4.0"):
+        plan(load_pipeline(files))
+
+
+def test_a_source_licence_is_an_spdx_id_a_url_or_unknown():
+    from lladav.config import Source
+
+    base = {"name": "s", "kind": "llava_json", "location": "x.json"}
+    assert Source.model_validate(base).license == "unknown"
+    for ok in ("CC-BY-4.0", "Apache-2.0", "CC-BY-4.0 OR MIT", "LicenseRef-internal-1",
+               "https://example.org/terms"):
+        assert Source.model_validate({**base, "license": ok}).license == ok
+    for bad in ("", "free for research", "CC BY 4.0"):
+        with pytest.raises(ValueError):
+            Source.model_validate({**base, "license": bad})
