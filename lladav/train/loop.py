@@ -181,9 +181,9 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
                       **_learning_rates(rates, names), **_grad_norm(engine),
                       **window.flush(ctx.world_size)}
             if ctx.rank == 0 and (step % stage.log_every == 0 or step in (1, total)):
-                line = step_line(stage.name, report)
-                print(line, flush=True)   # the console of `lladav train` (Ray forwards it)
-                log.info(line)
+                # Ray Train sends its workers' INFO logs to the driver's console once (a print
+                # came out twice) and to the worker's log file.
+                log.info(step_line(stage.name, report))
             if ctx.on_step is not None:  # told whether a checkpoint follows (not a metric)
                 ctx.on_step(step, ctx.rank, {**report, "checkpoint": checkpoint})
             if checkpoint:
