@@ -505,6 +505,30 @@ def lineage_show(
             console.print(f"graph: {graph}")
 
 
+@lineage_app.command("summary")
+def lineage_summary(
+    ref: str = typer.Argument(..., help="An export URI or its stage run id."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./.lladav/mlflow.db."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of Markdown."),
+    out: Path = typer.Option(None, "--out", help="Also write it to this file."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log both forms as artifacts of the export's run."),
+) -> None:
+    """The training-content summary of an export (EU template order): per source and stage,
+    modality, samples, tokens and shares, licence, collection period, dedup and filters."""
+    import json
+
+    from lladav import summary as sm
+
+    with _known_errors():
+        s = sm.summarize(ref, tracking_uri)
+        text = json.dumps(s.to_json(), indent=2) + "\n" if as_json else sm.render_markdown(s)
+        if out:
+            out.write_text(text)
+        if log:
+            sm.log_summary(s, tracking_uri)
+    sys.stdout.write(text)
+
+
 @lineage_app.command("trace")
 def lineage_trace(
     source: str = typer.Option(..., "--source", help="Source name as in the recipes."),

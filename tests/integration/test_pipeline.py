@@ -117,6 +117,24 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     assert versions[0].tags["lladav.licenses"] == "CC-BY-4.0, unknown"
     assert client.get_run(first["stage1"].record["run_id"]).data.tags["lladav.licenses"] == "CC-BY-4.0"
 
+    # the training-content summary of the stage-3 export, in the EU template's section order
+    from lladav import summary as sm
+
+    s = sm.summarize(export, mlflow_server.url)
+    assert s.stages == ["stage3", "stage2", "stage1"]
+    assert [(r.stage, r.source, r.license) for r in s.rows] == [
+        ("stage3", "reasoning", "unknown"), ("stage2", "qa", "unknown"),
+        ("stage1", "captions", "CC-BY-4.0")]
+    assert abs(sum(r.share_of_training for r in s.rows) - 1) < 1e-9 and s.tokens > 0
+    assert s.rows[2].samples == mix1.info["counts"]["samples"]
+    md = sm.render_markdown(s)
+    assert md.index("## 1. General information") < md.index("## 2. List of data sources") \
+        < md.index("## 3. Data processing aspects")
+    assert "| stage1 | captions | image-text |" in md and "CC-BY-4.0" in md
+    sm.log_summary(s, mlflow_server.url)
+    logged = {a.path for a in client.list_artifacts(first["stage3"].record["run_id"], "summary")}
+    assert logged == {"summary/summary.md", "summary/summary.json"}
+
     # lineage trace: exactly the exports whose stages read the record, and their descendants.
     # The MLflow server is shared by the tests of this xdist worker, and other tests' pipelines
     # read the same session corpus: this pipeline's exports are the ones in its own bucket.
