@@ -133,9 +133,19 @@ def test_lost_worker_resumes_from_s3_checkpoint_and_matches_uninterrupted_run(tm
                       on_step=StepRecorder(str(tmp_path / "clean.jsonl")))
     faulty = run_stage(stage(f"{s3_bucket}/faulty", mixture, name="faulty", max_steps=12),
                        on_step=StepRecorder(str(tmp_path / "faulty.jsonl"), die_at=5))
-    # All components train: the loss falls over the run (random init, so from about ln V).
-    losses = [r["loss"] for r in records(tmp_path / "clean.jsonl") if r["rank"] == 0]
-    assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    # All components train: each is an optimizer group with its own rate, every step has a
+    # finite, non-zero global gradient norm. (A falling loss is no evidence at 12 steps of 4
+    # samples: a step's loss weighs each sample by 1/p, and one sample drawn with a small t made
+    # step 12's loss 11.1 beside 3.6 and 4.3; the rank-seeded masks before issue 14 happened to
+    # pass a sum check. Weights moving per component: test_zero3_partitions_... and the export
+    # comparisons below.)
+    import math
+
+    clean_steps = [r for r in records(tmp_path / "clean.jsonl") if r["rank"] == 0]
+    assert len(clean_steps) == 12
+    assert all(set(r["lr"]) == {"lr/vision_tower", "lr/projector", "lr/language_model"}
+               for r in clean_steps)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in clean_steps)
     # The worker really died, and the group restarted from the step-3 checkpoint.
     assert (tmp_path / "faulty.jsonl.died").exists()
     steps = [r["step"] for r in records(tmp_path / "faulty.jsonl") if r["rank"] == 0]
