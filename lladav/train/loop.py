@@ -151,7 +151,7 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
 
     step, ledger = 0, []
     if ctx.restore_dir:
-        client, ledger = _restore(engine, ctx, groups, elastic, tmp_root=ctx.tmp_root)
+        client, ledger = _restore(engine, ctx, groups, elastic)
         step = int(client["step"])
         loader.load_state_dict(client["loader"])
         log.info("rank %d resumed at step %d (epoch %d)%s", ctx.rank, step, loader.epoch,
@@ -206,8 +206,8 @@ def run_worker(stage: StageConfig, ctx: WorkerContext) -> dict[str, Any]:
     return {"step": step, "ledger": ledger}
 
 
-def _restore(engine: Any, ctx: WorkerContext, groups: list[dict], elastic: bool,
-             tmp_root: str | None) -> tuple[dict, list[str]]:
+def _restore(engine: Any, ctx: WorkerContext, groups: list[dict],
+             elastic: bool) -> tuple[dict, list[str]]:
     """Load the checkpoint in ctx.restore_dir; returns (client state, this rank's ledger).
 
     Same world size: DeepSpeed's own load, each rank its own shard and client state. Another

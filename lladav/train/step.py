@@ -171,12 +171,12 @@ def diffusion_step(model: Any, batch: Any, seed: int = 0, aspect: str | None = N
     mask_embedding = model.mask_embedding
     k = len(passes)
 
-    def twice(x: torch.Tensor | None) -> torch.Tensor | None:
+    def per_pass(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else torch.cat([x] * k)
 
     noisy = torch.cat([apply_mask(rows.embeds, m, mask_embedding) for m, _ in passes])
-    hidden = model(inputs_embeds=noisy, attention_mask=twice(rows.attention),
-                   positions=twice(rows.positions), segments=twice(rows.segments),
+    hidden = model(inputs_embeds=noisy, attention_mask=per_pass(rows.attention),
+                   positions=per_pass(rows.positions), segments=per_pass(rows.segments),
                    logits=False).hidden                                      # (k R, W, D)
     n_rows = rows.embeds.shape[0]
     where = [m.nonzero(as_tuple=True) for m, _ in passes]                   # masked (row, col)
