@@ -63,12 +63,14 @@ def _known_errors() -> Iterator[None]:
     from lladav.secrets import scrub
     from lladav.storage import StorageError
     from lladav.suites import SuiteError
+    from lladav.takedown import TakedownError
+    from lladav.contamination import ContaminationError
 
     try:
         yield
     except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
             TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost, ViewError,
-            SuiteError) as e:
+            SuiteError, TakedownError, ContaminationError) as e:
         # soft_wrap: one line per message, whatever the width, for logs and grep
         console.print(f"[bold red]error:[/] {escape(scrub(str(e)))}", highlight=False,
                       soft_wrap=True)
@@ -198,6 +200,35 @@ def data_inspect(uri: str = typer.Argument(..., help="URI of a committed mixture
 
     with _known_errors():
         print_summary(open_mixture(uri))
+
+
+@data_app.command("contamination")
+def data_contamination(
+    mixture: str = typer.Argument(..., help="URI of a committed mixture or view."),
+    test_set: str = typer.Argument(..., help="A test file as `lladav eval` reads it (.json/.jsonl/.parquet)."),
+    image_root: str = typer.Option(None, "--image-root", help="Folder the test set's relative image paths resolve against."),
+    max_distance: int = typer.Option(8, "--max-distance", min=0, max=16, help="Perceptual-hash bits a copy may differ by."),
+) -> None:
+    """Which test images (copies too) and questions appear in a mixture; the report is stored
+    beside its manifest (contamination/) and printed."""
+    from lladav.contamination import check
+
+    with _known_errors():
+        report, where = check(mixture, test_set, image_root=image_root, max_distance=max_distance)
+    c = report.counts()
+    console.print(f"{c['contaminated_records']} of {c['records']} test records overlap {mixture}: "
+                  f"{c['images']} images, {c['questions']} questions")
+    table = Table(title="overlaps")
+    for col in ("test record", "what", "training sample(s)", "source"):
+        table.add_column(col, overflow="fold")
+    for o in report.image_overlaps:
+        table.add_row(o["eval_id"], f"image {o['eval_image']} ({o['distance']} bits)",
+                      f"key {o['mixture_key']} ({o['source_id']})", o["source"])
+    for o in report.question_overlaps:
+        table.add_row(o["eval_id"], "question", f"{o['rows']} rows, e.g. key {o['mixture_keys'][0]}",
+                      ", ".join(o["sources"]))
+    console.print(table)
+    console.print(f"report: {where}")
 
 
 @data_app.command("synth")
@@ -544,8 +575,76 @@ def lineage_trace(
     for col in ("export", "step", "run", "status", "how"):
         table.add_column(col, overflow="fold")
     for h in hits:
-        table.add_row(h.export or "(none)", h.step, h.run_id, h.status, h.how)
+        how = h.how + (f" · superseded by {h.superseded}" if h.superseded else "")
+        table.add_row(h.export or "(none)", h.step, h.run_id, h.status, how)
     console.print(table)
+
+
+@lineage_app.command("takedown")
+def lineage_takedown(
+    source: str = typer.Option(None, "--source", help="Source name as in the recipes."),
+    record: list[str] = typer.Option([], "--record", help="A record id of that source (repeatable)."),
+    records: str = typer.Option(None, "--records", help="A file of record ids, one per line."),
+    reason: str = typer.Option("", "--reason", help="Why (a notice's reference), kept in the list and MLflow."),
+    pipeline: Path = typer.Option(None, "--pipeline", help="A pipeline YAML: its `takedowns` list and MLflow settings."),
+    takedown_list: str = typer.Option(None, "--list", help="Or the takedown list's URI (a recipe's `takedowns`)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default: the pipeline's, $MLFLOW_TRACKING_URI or ./.lladav/mlflow.db."),
+    show_status: bool = typer.Option(False, "--status", help="Instead: where every takedown of the list stands."),
+) -> None:
+    """Take records down: list the mixtures and exports holding them, add them to the takedown
+    list the recipes read (the next `pipeline run` rebuilds without them), record it in MLflow.
+    With --status: the rebuilt mixtures, the stages retrained and what was superseded."""
+    from lladav import takedown as td
+    from lladav.config import ConfigError, load_pipeline
+
+    with _known_errors():
+        experiment = "lladav"
+        if pipeline is not None:
+            pipe = load_pipeline(pipeline)
+            if not pipe.takedowns:
+                raise ConfigError(f"{pipeline}: no `takedowns:`; add e.g. `takedowns: takedowns.yaml` "
+                                  "so its data steps read the list")
+            takedown_list = takedown_list or pipe.takedowns
+            tracking_uri = tracking_uri or pipe.mlflow.tracking_uri
+            experiment = pipe.mlflow.experiment or pipe.name
+        if not takedown_list:
+            raise ConfigError("name the takedown list: --pipeline PIPELINE.yaml or --list URI")
+        if show_status:
+            _print_takedown_status(td.status(takedown_list, tracking_uri))
+            return
+        if not source:
+            raise ConfigError("--source is required (the source name as in the recipes)")
+        ids = list(record) + (td.read_records_file(records) if records else [])
+        req = td.request(takedown_list, source, ids, reason=reason, tracking_uri=tracking_uri,
+                         experiment=experiment)
+    table = Table(title=f"takedown {req.entry.id}: {len(req.entry.records)} record(s) of {source}")
+    for col in ("held by", "uri", "step", "run", "how"):
+        table.add_column(col, overflow="fold")
+    for m in req.mixtures:
+        table.add_row(m["kind"], m["uri"], m["step"], m["run_id"], f"{m['samples']} samples")
+    for h in req.exports:
+        table.add_row("export", h.export or "(none)", h.step, h.run_id, h.how)
+    console.print(table)
+    console.print(f"added to {req.list_uri} (MLflow run {req.entry.run_id}); run the pipeline "
+                  "to rebuild without them, then `lladav lineage takedown --status`")
+
+
+def _print_takedown_status(statuses: list[Any]) -> None:
+    for st in statuses:
+        e = st.entry
+        console.print(f"[bold]{e.id}[/] {e.source}: {len(e.records)} record(s), requested "
+                      f"{e.requested} — {'[green]complete' if st.complete else '[yellow]pending'}[/]",
+                      soft_wrap=True)
+        for label, items in (("rebuilt without them", st.rebuilt),
+                             ("STILL HOLDING", st.still_holding),
+                             ("superseded mixture", st.superseded)):
+            for m in items:
+                console.print(f"  {label}: {m['kind']} {m['step']} {m['uri']} (run {m['run_id'][:8]})", soft_wrap=True)
+        for r in st.retrained:
+            console.print(f"  retrained: stage {r['step']} -> {r['export']} (run {r['run_id'][:8]})", soft_wrap=True)
+        for h in st.superseded_exports:
+            mark = f"superseded by {h.superseded}" if h.superseded else "NOT SUPERSEDED"
+            console.print(f"  export that read them: {h.step} {h.export} ({h.how}; {mark})", soft_wrap=True)
 
 
 if __name__ == "__main__":

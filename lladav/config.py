@@ -38,7 +38,8 @@ class SourceFilters(StrictModel):
     min_response_chars: int | None = Field(default=None, ge=0)
     """Keep only records whose assistant text is at least this long (characters, all turns)."""
     exclude_ids: list[str] = []
-    """Source record ids to drop (takedowns, known-bad records)."""
+    """Source record ids to drop (known-bad records), read and refused as `filtered`. For a
+    takedown use a takedown list (`Recipe.takedowns`): refused unread, and on record in MLflow."""
 
     @model_validator(mode="after")
     def _exclusive(self) -> "SourceFilters":
@@ -125,6 +126,23 @@ class VisionGeometry(StrictModel):
         return self.tile_size // self.patch_size
 
 
+class NearDedup(StrictModel):
+    """Perceptual-hash near-duplicate images (data/near_dedup.py): of samples whose images are
+    resized, re-encoded or slightly cropped copies of each other, the first in the corpus is
+    kept; the others are refused (rejects reason `near_duplicate`, naming the kept key)."""
+
+    max_distance: int = Field(default=8, ge=0, le=16)
+    """Most bits (of 64) in which each half of two images' perceptual hashes (phash, dhash) may
+    differ for them to be copies. At 8, of 200 generated images' copies, all the resized and
+    re-encoded ones and 92% of those cropped 1-3% per side were found (98%), and no two of 1,000
+    distinct images came closer than 16 (tests/unit/test_near_dedup.py); larger values find more
+    crops and risk false matches."""
+    compare: Literal["images_and_text", "images"] = "images_and_text"
+    """`images_and_text`: a copy must also have the same normalized text (VQA corpora ask many
+    questions about one image, and those are not copies); `images`: the images alone (caption
+    corpora scraped twice with different alt texts)."""
+
+
 class Recipe(StrictModel):
     """A mixture recipe: `lladav data build RECIPE` turns it into tokenized WebDataset shards."""
 
@@ -150,12 +168,24 @@ class Recipe(StrictModel):
     """Seeds weight sampling, tag draws and the mixture order."""
     dedup: bool = True
     """Exact deduplication on (image sha256s, normalized text): later copies are refused."""
+    near_dedup: NearDedup | None = None
+    """Also refuse near-duplicate images by perceptual hash (e.g. `near_dedup: {max_distance:
+    6}`); null (the default) keeps them."""
     images: ImageLimits = ImageLimits()
     """Image validation limits."""
     vision: VisionGeometry = VisionGeometry()
     """Vision geometry used to count image tokens."""
     output: str | None = None
     """URI to write the mixture to; `--out` overrides it. Not part of the mixture's identity."""
+    takedowns: str | None = None
+    """URI of a takedown list (YAML, written by `lladav lineage takedown`; a pipeline's
+    `takedowns` replaces it). The listed records of this recipe's sources are refused at plan
+    time, before they are read (rejects.parquet reason `takedown`). A list that does not exist
+    yet is empty. Its location is not part of the mixture's identity; `taken_down` is."""
+    taken_down: dict[str, list[str]] = {}
+    """Filled from `takedowns` when the recipe is loaded: source name -> the record ids taken
+    down, for this recipe's sources only (so a takedown rebuilds only the mixtures that hold the
+    source). Recorded in mixture.json; not meant to be written by hand."""
 
     @field_validator("sources")
     @classmethod
@@ -174,8 +204,9 @@ class Recipe(StrictModel):
 
     def identity(self) -> dict[str, Any]:
         """The resolved recipe as recorded in mixture.json: every field with defaults filled in,
-        minus `output` (where a mixture is written does not change what it is)."""
-        return self.model_dump(mode="json", exclude={"output"})
+        minus `output` and `takedowns` (where a mixture or its takedown list is written does not
+        change what it is; the records taken down, `taken_down`, do)."""
+        return self.model_dump(mode="json", exclude={"output", "takedowns"})
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -226,8 +257,12 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """Read and validate a recipe YAML (with `overrides` deep-merged over it, as a pipeline step
     gives them). Relative local URIs resolve against the YAML's folder."""
     data = merge(load_yaml(path), overrides or {})
-    recipe = parse_recipe(data, str(path))
-    return _resolve_relative(recipe, Path(path).resolve().parent)
+    recipe = _resolve_relative(parse_recipe(data, str(path)), Path(path).resolve().parent)
+    if recipe.takedowns:
+        from lladav.takedown import taken_down
+
+        recipe = recipe.model_copy(update={"taken_down": taken_down(recipe.takedowns, recipe)})
+    return recipe
 
 
 def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
@@ -237,7 +272,8 @@ def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
     sources = [s.model_copy(update={"location": fix(s.location), "image_root": fix(s.image_root)})
                for s in recipe.sources]
     return recipe.model_copy(update={"sources": sources, "tokenizer": fix(recipe.tokenizer),
-                                     "output": fix(recipe.output)})
+                                     "output": fix(recipe.output),
+                                     "takedowns": fix(recipe.takedowns)})
 
 
 # ---- stages (train/) -------------------------------------------------------------------------
@@ -537,6 +573,41 @@ class MlflowSettings(StrictModel):
     """Experiment name; default: the pipeline's name."""
 
 
+class OpenLineageSettings(StrictModel):
+    """OpenLineage events of every step run (openlineage.py): START, then COMPLETE or FAIL, with
+    the step's input and output datasets. MLflow stays the record `lineage show|trace` read; these
+    events hand the same facts to Marquez or any OpenLineage consumer. Credentials never go here:
+    an API key for the HTTP server comes from $OPENLINEAGE_API_KEY."""
+
+    enabled: bool = True
+    """Emit events (an emission that fails is a warning, never a failed step)."""
+    namespace: str | None = None
+    """Namespace of the pipeline's jobs (`<pipeline>.<step>`); default: the pipeline's name."""
+    path: str | None = None
+    """Folder or s3:// prefix the events are written to when no `url` is set; default
+    <storage>/openlineage. A local folder gets events.jsonl, one event appended per line; S3
+    cannot append, so there each event is its own object <time>-<job>-<run id>-<type>.json."""
+    url: str | None = None
+    """Send events over HTTP instead of writing them: the server's base URL, e.g. Marquez's API
+    http://marquez.marquez.svc:5000 (events are POSTed to <url>/api/v1/lineage)."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_without_credentials(cls, url: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.username or parts.password:  # the message must not repeat the URL
+            raise ValueError("the URL carries user:password; give the bare URL and put an API "
+                             "key in $OPENLINEAGE_API_KEY")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{url!r} is not an http(s) URL; give the server's base URL, e.g. "
+                             "http://localhost:5000 for Marquez")
+        return url
+
+
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".tar", ".yaml", ".yml")
 
 
@@ -781,11 +852,16 @@ class PipelineConfig(StrictModel):
     storage: str | None = None
     """Root URI of every step's outputs (<storage>/steps/<step>/<key>/); default ./.lladav/<name>."""
     mlflow: MlflowSettings = MlflowSettings()
+    openlineage: OpenLineageSettings = OpenLineageSettings()
     ray_address: str | None = None
     """Ray cluster to run on; default: $RAY_ADDRESS, else a local Ray."""
     forbid_licenses: list[str] = []
     """Licences no source of this pipeline may carry (e.g. `[unknown, CC-BY-NC-4.0]` for a
     commercial export): `pipeline plan` fails naming each step, recipe and source that does."""
+    takedowns: str | None = None
+    """A takedown list (`lladav lineage takedown --pipeline` writes it) read by every data step's
+    recipe, replacing the recipes' own `takedowns`: a takedown reruns the data steps whose
+    sources it names and the steps downstream of them, nothing else."""
     steps: list[Step] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -840,4 +916,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if isinstance(s, ViewStep):
             update["mixtures"] = [m if m in refs.values() else _resolve(m, base) for m in s.mixtures]
         steps.append(s.model_copy(update=update))
-    return pipe.model_copy(update={"steps": steps, "storage": _resolve(pipe.storage, base)})
+    return pipe.model_copy(update={"steps": steps, "storage": _resolve(pipe.storage, base),
+                                   "takedowns": _resolve(pipe.takedowns, base),
+                                   "openlineage": pipe.openlineage.model_copy(
+                                       update={"path": _resolve(pipe.openlineage.path, base)})})

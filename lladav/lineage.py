@@ -311,6 +311,19 @@ def _experiment_ids(client: Any) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
 
+def _all_runs(client: Any, filter_string: str, order_by: list[str] | None = None) -> list[Any]:
+    """Every run of every experiment matching `filter_string`, page by page (search_runs stops
+    at 1,000 a page)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(_experiment_ids(client), filter_string=filter_string,
+                                  order_by=order_by, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def _find_export_run(client: Any, ref: str) -> Any:
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return client.get_run(ref)
@@ -381,7 +394,8 @@ def _eval_nodes(client: Any, export: str) -> list[Node]:
     for run in runs:
         m, tags = run.data.metrics, run.data.tags
         if suite := tags.get(f"{PREFIX}suite"):
-            tasks = sorted({k.split("/", 1)[0] for k in m if "/" in k})
+            tasks = sorted({k.split("/", 1)[0] for k in m
+                            if "/" in k and not k.startswith("contamination/")})
             parts = []
             for t in tasks:
                 scores = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items())
@@ -394,6 +408,8 @@ def _eval_nodes(client: Any, export: str) -> list[Node]:
             detail = f"suite {suite} · " + " · ".join(parts)
         else:
             detail = f"accuracy {m.get('accuracy', float('nan')):.3f} on {tags.get(f'{PREFIX}test_set', '?')}"
+        if contamination := tags.get(f"{PREFIX}contamination"):
+            detail += f" · contamination: {contamination}"
         nodes.append(Node("eval", f"eval {tags.get(f'{PREFIX}step', run.info.run_name)}",
                           f"{detail} · run {run.info.run_id}", run.info.run_id))
     return nodes
@@ -481,36 +497,52 @@ class TraceHit:
     how: str
     """"read N samples" (its mixture holds the records) or "descends from <step>"."""
     samples: int = 0
+    start_time: int = 0
+    """When the stage run started (ms since the epoch)."""
+    superseded: str | None = None
+    """The takedown (id, time) the stage predates, when it read records taken down since."""
 
 
-def trace(source: str, record: str | None = None, tracking_uri: str | None = None) -> list[TraceHit]:
-    """Every stage run (and its export) that trained on records of `source` (or one record of
-    it), read from the mixtures' manifests, plus the stages initialised from such an export."""
-    import json
-
+def _manifest_counts(uri: str, source: str, records: list[str] | None,
+                     cache: dict[str, Any]) -> int:
+    """Rows of `source` (or of those of its `records`) in the manifest of the mixture at `uri`."""
+    import pyarrow as pa
     import pyarrow.compute as pc
-    from mlflow import MlflowClient
 
     from lladav.data.manifest import open_mixture
 
+    if uri not in cache:
+        cache[uri] = open_mixture(uri).manifest().select(["source", "source_id"])
+    table = cache[uri]
+    mask = pc.equal(table["source"], source)
+    if records is not None:
+        mask = pc.and_(mask, pc.is_in(table["source_id"], value_set=pa.array(records, pa.string())))
+    return int(pc.sum(mask.cast("int64")).as_py() or 0)
+
+
+def _train_mixtures(run: Any) -> list[str]:
+    import json
+
+    return [json.loads(ds.dataset.source).get("uri") for ds in run.inputs.dataset_inputs
+            if {t.key: t.value for t in ds.tags}.get("mlflow.data.context") == "train"]
+
+
+def trace(source: str, record: str | None = None, tracking_uri: str | None = None, *,
+          records: list[str] | None = None) -> list[TraceHit]:
+    """Every stage run (and its export) that trained on records of `source` (one `record`, any
+    of `records`, or all), read from the mixtures' manifests, plus the stages initialised from
+    such an export. A stage that read records taken down after it started is marked
+    `superseded` with the takedown (lladav/takedown.py)."""
+    from mlflow import MlflowClient
+
+    wanted = [record] if record is not None else (sorted(set(records)) if records else None)
     client = MlflowClient(tracking_uri or default_tracking_uri())
-    runs = client.search_runs(_experiment_ids(client), filter_string=f"tags.`{PREFIX}kind` = 'stage'")
+    runs = _all_runs(client, f"tags.`{PREFIX}kind` = 'stage'")
     by_id = {r.info.run_id: r for r in runs}
     matched: dict[str, int] = {}
     manifests: dict[str, Any] = {}
     for run in runs:
-        count = 0
-        for ds in run.inputs.dataset_inputs:
-            if {t.key: t.value for t in ds.tags}.get("mlflow.data.context") != "train":
-                continue
-            uri = json.loads(ds.dataset.source).get("uri")
-            if uri not in manifests:
-                manifests[uri] = open_mixture(uri).manifest().select(["source", "source_id"])
-            table = manifests[uri]
-            mask = pc.equal(table["source"], source)
-            if record is not None:
-                mask = pc.and_(mask, pc.equal(table["source_id"], record))
-            count += int(pc.sum(mask.cast("int64")).as_py() or 0)
+        count = sum(_manifest_counts(uri, source, wanted, manifests) for uri in _train_mixtures(run))
         if count:
             matched[run.info.run_id] = count
 
@@ -524,14 +556,120 @@ def trace(source: str, record: str | None = None, tracking_uri: str | None = Non
             parent = p.data.tags.get(f"{PREFIX}parent_run") if p else None
         return None
 
+    takedowns = _takedowns_of(client, source, wanted) if wanted else []
     hits = []
     for run in sorted(runs, key=lambda r: r.info.start_time):
         tags = run.data.tags
         base = dict(export=tags.get(f"{PREFIX}export"), step=tags.get(f"{PREFIX}step", run.info.run_name),
-                    run_id=run.info.run_id, status=run.info.status)
+                    run_id=run.info.run_id, status=run.info.status, start_time=run.info.start_time)
         if run.info.run_id in matched:
             n = matched[run.info.run_id]
-            hits.append(TraceHit(**base, how=f"read {n} sample{'s' if n != 1 else ''}", samples=n))
+            hit = TraceHit(**base, how=f"read {n} sample{'s' if n != 1 else ''}", samples=n)
         elif (anc := ancestor_hit(run)) is not None:
-            hits.append(TraceHit(**base, how=f"descends from {by_id[anc].data.tags.get(f'{PREFIX}step')} ({anc[:8]})"))
+            hit = TraceHit(**base, how=f"descends from {by_id[anc].data.tags.get(f'{PREFIX}step')} ({anc[:8]})")
+        else:
+            continue
+        later = [(t, when) for t, when in takedowns if when > run.info.start_time]
+        if later:
+            t, when = later[0]
+            hit.superseded = f"takedown {t} of {time.strftime('%Y-%m-%d %H:%M', time.gmtime(when / 1000))} UTC"
+        hits.append(hit)
     return hits
+
+
+def _takedowns_of(client: Any, source: str, records: list[str]) -> list[tuple[str, int]]:
+    """(takedown id, request time in ms) of the takedowns of `source` that name any of
+    `records`, oldest first (read from their request runs' takedown/request.json)."""
+    import json
+
+    runs = _all_runs(client, f"tags.`{PREFIX}kind` = 'takedown' and "
+                             f"tags.`{PREFIX}takedown.source` = '{source}'")
+    wanted, out = set(records), []
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, "takedown/request.json", tmp)
+            except Exception:  # noqa: BLE001 - a request that never finished names nothing
+                continue
+            entry = json.loads(Path(path).read_text())["entry"]
+        if wanted & set(entry["records"]):
+            from lladav.takedown import Entry
+
+            out.append((entry["id"], Entry.model_validate(entry).requested_ms))
+    return sorted(out, key=lambda t: t[1])
+
+
+def mixtures_holding(source: str, records: list[str], tracking_uri: str | None = None, *,
+                     with_empty: bool = False) -> list[dict[str, Any]]:
+    """The mixtures and views built by finished data/view step runs that hold any of `records`
+    of `source` (with `with_empty`, every one of them): uri, kind, step, run_id, start_time,
+    samples (rows of those records), taken_down (those records in its rejects as `takedown`) and,
+    for a view, the mixtures it weights."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from mlflow import MlflowClient
+
+    from lladav.data.manifest import REJECTS, View, open_mixture, read_table
+    from lladav import storage
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    runs = sorted((run for kind in ("data", "view") for run in _all_runs(
+        client, f"tags.`{PREFIX}kind` = '{kind}' and attributes.status = 'FINISHED'")),
+        key=lambda r: r.info.start_time)
+    out, seen, cache = [], set(), {}
+    for run in runs:
+        uri = run.data.tags.get(f"{PREFIX}mixture")
+        if not uri or uri in seen:
+            continue
+        seen.add(uri)
+        try:
+            mixture = open_mixture(uri)
+            samples = _manifest_counts(uri, source, records, cache)
+        except (FileNotFoundError, storage.StorageError):
+            continue  # removed since: nothing to hold
+        taken, parts = 0, []
+        if isinstance(mixture, View):
+            parts = [m["uri"] for m in mixture.info["mixtures"]]
+        else:
+            rejects = read_table(storage.join(uri, REJECTS))
+            mask = pc.and_(pc.equal(rejects["reason"], "takedown"),
+                           pc.and_(pc.equal(rejects["source"], source),
+                                   pc.is_in(rejects["source_id"],
+                                            value_set=pa.array(records, pa.string()))))
+            taken = int(pc.sum(mask.cast("int64")).as_py() or 0)
+        if samples or with_empty:
+            out.append({"uri": uri, "kind": run.data.tags[f"{PREFIX}kind"],
+                        "step": run.data.tags.get(f"{PREFIX}step", run.info.run_name),
+                        "run_id": run.info.run_id, "start_time": run.info.start_time,
+                        "samples": samples, "taken_down": taken, "mixtures": parts})
+    return out
+
+
+def stages_after(mixtures: set[str], since_ms: int, tracking_uri: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """Stage runs started at or after `since_ms` that trained on one of `mixtures` (or a view
+    over one), or started from the export of such a stage: step, run_id, export, status."""
+    from mlflow import MlflowClient
+
+    from lladav.data.manifest import View, open_mixture
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    runs = _all_runs(client, f"tags.`{PREFIX}kind` = 'stage' and "
+                             f"attributes.start_time >= {int(since_ms)}",
+                     order_by=["attributes.start_time ASC"])
+    out, chosen = [], set()
+    for run in runs:
+        uris = set(_train_mixtures(run))
+        for uri in list(uris):
+            try:
+                m = open_mixture(uri)
+            except (FileNotFoundError, OSError):
+                continue
+            if isinstance(m, View):
+                uris |= {x["uri"] for x in m.info["mixtures"]}
+        if uris & mixtures or run.data.tags.get(f"{PREFIX}parent_run") in chosen:
+            chosen.add(run.info.run_id)
+            out.append({"step": run.data.tags.get(f"{PREFIX}step", run.info.run_name),
+                        "run_id": run.info.run_id, "export": run.data.tags.get(f"{PREFIX}export"),
+                        "status": run.info.status})
+    return out

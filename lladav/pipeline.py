@@ -24,7 +24,9 @@ instead of training it twice; a step another run finished meanwhile is skipped.
 stage validates, each stage's mixture was built for its model's vision tower (tile and patch
 size), and each eval step's test set exists, parses and has an answer per record.
 Owns: keys, step folders, the order of execution and the per-kind glue. Does not own: building
-(data/build.py), training (train/launch.py), scoring (evaluate.py) or MLflow (lineage.py).
+(data/build.py), training (train/launch.py), scoring (evaluate.py), MLflow (lineage.py) or
+the OpenLineage events each step run sends (openlineage.py: START, COMPLETE after done.json,
+FAIL).
 """
 
 from __future__ import annotations
@@ -120,10 +122,10 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         up = {role: planned[ref] for role, ref in step.refs().items()}
         inputs = {role: p.key for role, p in up.items()}
         inputs.update({f"needs:{ref}": planned[ref].key for ref in step.needs})
-        config, identity = _resolve(step, up, folder=None)
+        config, identity = _resolve(step, up, None, pipe.takedowns)
         key = digest_obj({"kind": step.kind, "config": identity, "inputs": inputs, "code": code})
         folder = storage.join(root, "steps", step.name, key[:16])
-        config, _ = _resolve(step, up, folder)
+        config, _ = _resolve(step, up, folder, pipe.takedowns)
         p = PlannedStep(step, key, folder, config, identity)
         if isinstance(step, DataStep):
             geometries[step.name] = (config.vision, f"step {step.name}, recipe {step.recipe}")
@@ -221,10 +223,12 @@ def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
     return tower
 
 
-def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None) -> tuple[Any, dict[str, Any]]:
+def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None,
+             takedowns: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(runnable config, identity). With folder=None the URIs are placeholders: where a step
     writes and where its inputs live are not part of what it is (an input's identity is its
-    step's key, which the caller adds)."""
+    step's key, which the caller adds). `takedowns`: the pipeline's takedown list, given to
+    every data step's recipe."""
     out = _outputs(folder)
 
     def ref(role: str, what: str) -> str:
@@ -232,6 +236,8 @@ def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None) -> tuple
 
     if isinstance(step, DataStep):
         over = {"tokenizer": ref("tokenizer", "tokenizer")} if "tokenizer" in up else {}
+        if takedowns:
+            over["takedowns"] = takedowns
         recipe = load_recipe(step.recipe, merge(step.overrides, over))
         identity = recipe.identity()
         if "tokenizer" in up:
@@ -317,12 +323,15 @@ class RunContext:
     say: Callable[[str], None]
     lease: Lease | None = None
     """The lease on the running step's folder; checked before the step commits anything."""
+    openlineage: Any = None
+    """openlineage.Emitter of the steps' START/COMPLETE/FAIL events; None when turned off."""
 
 
 def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = None,
         say: Callable[[str], None] = print) -> list[PlannedStep]:
     """Run every step that is not done, in order; returns the plan with final states."""
     from lladav.lineage import Lineage
+    from lladav.openlineage import Emitter
 
     steps = plan(pipe)
     if pipe.ray_address:
@@ -332,6 +341,7 @@ def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = No
         "lladav.kind": "pipeline", "lladav.pipeline": pipe.name, "lladav.storage": storage_root(pipe)})
     lineage.log_config(parent, "pipeline", pipe.model_dump(mode="json"))
     ctx = RunContext(pipe, lineage, parent, {}, progress or (lambda name: lambda *a: None), say)
+    ctx.openlineage = Emitter.create(pipe, storage_root(pipe), parent)
     status = "FAILED"
     try:
         for p in steps:
@@ -345,6 +355,8 @@ def run(pipe: PipelineConfig, *, progress: Callable[[str], Progress] | None = No
         raise
     finally:
         _end_run_quietly(lineage, parent, status)
+        if ctx.openlineage:
+            ctx.openlineage.close()
     return steps
 
 
@@ -399,18 +411,34 @@ def _run_leased(p: PlannedStep, ctx: RunContext) -> None:
         why = f"changed since key {p.previous[:12]}" if p.previous else "new"
         ctx.say(f"run   {p.name:<14} {why} (key {p.key[:12]}, run {run_id[:8]})")
     lin.set_tags(ctx.parent_run, {f"lladav.step.{p.name}": run_id})
+    _openlineage(ctx, p, run_id, "START")
     try:
         outputs = RUNNERS[p.kind](p, ctx, run_id)
         ctx.lease.check()  # a run that lost the step's lease must not commit it
-    except BaseException:
+    except BaseException as e:
+        _openlineage(ctx, p, run_id, "ABORT" if isinstance(e, KeyboardInterrupt) else "FAIL",
+                     error=e)
         _end_run_quietly(lin, run_id, "FAILED")
         raise
     record = {"step": p.name, "kind": p.kind, "key": p.key, "run_id": run_id,
               "outputs": outputs, "finished": time.time()}
     storage.write_bytes(storage.join(p.folder, DONE), pretty_json(record))  # the commit
+    _openlineage(ctx, p, run_id, "COMPLETE", outputs=outputs)
     lin.end_run(run_id)
     ctx.done[p.name] = record
     p.state, p.record = "done", record
+
+
+def _openlineage(ctx: RunContext, p: PlannedStep, run_id: str, state: str,
+                 outputs: dict[str, Any] | None = None, error: BaseException | None = None) -> None:
+    """The step's OpenLineage event (openlineage.py), its datasets read from its config and its
+    upstream steps' outputs; never raises."""
+    if ctx.openlineage is None:
+        return
+    upstream = {role: ctx.done.get(ref, {}).get("outputs") or {}
+                for role, ref in p.step.refs().items()}
+    ctx.openlineage.step(state, p.name, p.kind, p.key, run_id, p.config, upstream,
+                         outputs=outputs, error=error)
 
 
 def _run_synth(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
@@ -488,7 +516,8 @@ def _run_data(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     counts = mixture.info["counts"]
     lin.log_metrics(run_id, {"samples": counts["samples"], "rejected": counts["rejected"],
                              "shards": counts["shards"], "tokens": counts["tokens"]}, step=0)
-    return {"mixture": mixture.uri, "digest": mixture.digest}
+    return {"mixture": mixture.uri, "digest": mixture.digest,
+            "licenses": trained_licenses(mixture, None)}
 
 
 def _run_view(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
@@ -506,7 +535,7 @@ def _run_view(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     counts = view.info["counts"]
     lin.log_metrics(run_id, {"samples": counts["samples"], "shards": counts["shards"],
                              "tokens": counts["tokens"]}, step=0)
-    return {"mixture": view.uri, "digest": view.digest}
+    return {"mixture": view.uri, "digest": view.digest, "licenses": trained_licenses(view, None)}
 
 
 def _log_view_mixtures(lin: Any, run_id: str, mixture: Any) -> None:
@@ -623,6 +652,7 @@ def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
     lin.set_tags(run_id, {"lladav.parent_run": model["run_id"], "lladav.evaluated_export": export,
                           "lladav.test_set": step.data})
     lin.log_config(run_id, "eval", step.model_dump(mode="json"))
+    _log_contamination(ctx, run_id, model["run_id"], step)
     if step.suite is not None:
         return _run_suite(p, ctx, run_id, export)
     settings = SamplerSettings(gen_length=step.gen_length,
@@ -648,6 +678,51 @@ def _run_eval(p: PlannedStep, ctx: RunContext, run_id: str) -> dict[str, Any]:
                            f"below min_accuracy {step.min_accuracy:.0%}")
     return {"accuracy": result.accuracy, "n": result.n, "chance": result.chance, "export": export,
             "data": step.data}
+
+
+def _log_contamination(ctx: RunContext, run_id: str, stage_run: str, step: EvalStep) -> None:
+    """The test set's contamination report (contamination.py) against every mixture the export
+    was trained on (its stage's and those of the stages it was initialised from), logged to the
+    eval run: artifacts contamination/<stage>.json, metrics contamination/{records,images,
+    questions} (test records, images and questions found in any of them), tag
+    lladav.contamination (and lladav.contamination_reports: where each report is stored, beside
+    its manifest). A check that cannot run (no local test file, an old mixture) is a tag and a
+    warning, not a failed eval: the scores are still worth having."""
+    from lladav.contamination import check, read_items
+    from lladav.secrets import describe
+
+    lin = ctx.lineage
+    if step.data is None:
+        lin.set_tags(run_id, {"lladav.contamination": "not checked: the suite's own datasets"})
+        return
+    chain, seen, rid = [], set(), stage_run
+    while rid and rid not in seen:
+        seen.add(rid)
+        tags = lin.client.get_run(rid).data.tags
+        if tags.get("lladav.mixture"):
+            chain.append((tags.get("lladav.step", rid[:8]), tags["lladav.mixture"]))
+        rid = tags.get("lladav.parent_run")
+    try:
+        items = read_items(step.data, image_root=step.image_root)
+        reports = [(stage, *check(uri, step.data, image_root=step.image_root, items=items))
+                   for stage, uri in chain]
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("eval %s: contamination not checked: %s", step.name, describe(e))
+        lin.set_tags(run_id, {"lladav.contamination": f"not checked: {describe(e)}"[:490]})
+        return
+    records, images, questions = set(), set(), set()
+    for stage, report, _ in reports:
+        lin.log_text(run_id, f"contamination/{stage}.json", json.dumps(report.to_json(), indent=1))
+        records |= set(report.contaminated)
+        images |= {(o["eval_id"], o["eval_image"]) for o in report.image_overlaps}
+        questions |= {(o["eval_id"], o["question_key"]) for o in report.question_overlaps}
+    lin.log_metrics(run_id, {"contamination/records": len(records), "contamination/images": len(images),
+                             "contamination/questions": len(questions)}, step=0)
+    lin.set_tags(run_id, {
+        "lladav.contamination": f"{len(records)} of {len(items.ids)} test records overlap the "
+                                f"training data ({len(images)} images, {len(questions)} questions) "
+                                f"across {len(reports)} mixtures",
+        "lladav.contamination_reports": " ".join(where for _, _, where in reports)[:4900]})
 
 
 def _run_suite(p: PlannedStep, ctx: RunContext, run_id: str, export: str) -> dict[str, Any]:

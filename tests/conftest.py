@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,6 +231,17 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+# ---- OpenLineage: a minimal HTTP receiver (a Marquez stand-in) --------------------------------
+
+@pytest.fixture
+def openlineage_receiver() -> Iterator[Any]:
+    """openlineage_events.Receiver: POST /api/v1/lineage on 127.0.0.1, its `events` parsed."""
+    from openlineage_events import Receiver
+
+    with Receiver() as receiver:
+        yield receiver
 
 
 # ---- order: the long integration tests first -------------------------------------------------

@@ -1,13 +1,16 @@
 """`lladav data build`: a recipe -> a committed, tokenized WebDataset mixture at a URI.
 
 The stages, each a function below:
-    plan     (driver)     enumerate every source, apply weights, fix the mixture order by
+    plan     (driver)     enumerate every source, refuse the records of the recipe's takedown
+                          list unread, apply weights, fix the mixture order by
                           sha256(seed, source, record, copy): a pure function of the data
     scan     (Ray tasks)  read, validate, filter, hash and tokenize each planned record, and
                           cache each chunk's samples (token ids, targets, image bytes) as one
                           Arrow file under `_build/scan/`
     dedup    (driver)     of the samples with the same (image sha256s, normalized text), keep the
-                          record first in the corpus; reject the others as its duplicates
+                          record first in the corpus; reject the others as its duplicates; with
+                          `near_dedup`, the same for images within a perceptual-hash distance
+                          (data/near_dedup.py)
     assign   (driver)     survivors, in plan order, cut into shards of `samples_per_shard`
     write    (Ray tasks)  each shard's samples from the chunk caches that hold them, the tar
                           written atomically
@@ -55,7 +58,7 @@ from lladav.config import Recipe, Source
 from lladav.data import RecordError
 from lladav.data import manifest as mf
 from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, add_tag,
-                                      normalize_turns, normalized_text, tokenize)
+                                      normalize_turns, normalized_text, question_keys, tokenize)
 from lladav.data.tokenizer import load_tokenizer, tokenizer_digest
 from lladav.data.images import BadImage, image_token_count, inspect_image
 from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
@@ -87,6 +90,8 @@ class Scanned:
     reason: str | None = None
     detail: str = ""
     key: bytes = b""
+    phash: bytes = b""  # each image's 128-bit perceptual hash, 16 big-endian bytes (near dedup)
+    text_key: bytes = b""  # 8 bytes of the normalized text's sha256 (near dedup's text match)
 
 
 def dedup_key(image_sha256: tuple[str, ...], text_sha256: str) -> bytes:
@@ -106,6 +111,8 @@ class Sample:
     targets: np.ndarray
     n_image_tokens: int
     orientations: tuple[int, ...] = ()  # EXIF orientation per image, applied when decoded
+    image_phash: tuple[int, ...] = ()   # perceptual hash per image (images.perceptual_hash)
+    question_keys: tuple[str, ...] = ()  # conversation.question_key per user turn
 
 
 class Rejected(Exception):
@@ -239,9 +246,12 @@ class Plan:
     objects are made only for the rows a task is given (`entries[a:b]`, `take`)."""
 
     def __init__(self, records: _Records, rows: np.ndarray, copies: np.ndarray,
-                 unreadable: list[Unreadable], counts: Counter):
+                 unreadable: list[Unreadable], counts: Counter,
+                 taken_down: list[RecordRef] | None = None):
         self.records_table, self.rows, self.copies = records, rows, copies
         self.unreadable, self.records = unreadable, counts
+        self.taken_down = taken_down or []
+        """Records refused at plan time by the recipe's takedown list (`Recipe.taken_down`)."""
         self.entries = _PlanEntries(self)
 
     def __len__(self) -> int:
@@ -290,6 +300,7 @@ def plan(recipe: Recipe) -> Plan:
     """
     records = _Records()
     unreadable: list[Unreadable] = []
+    taken_down: list[RecordRef] = []
     counts: Counter = Counter()
     planned = 0.0
     rows_parts, copy_parts, key_parts = [], [], []
@@ -300,10 +311,14 @@ def plan(recipe: Recipe) -> Plan:
         # Keys accumulate as raw bytes (16 per key), not as Python objects.
         keys, draws, extra_keys = bytearray(), bytearray(), bytearray()
         n = 0
+        taken = frozenset(recipe.taken_down.get(source.name, ()))
         for item in enumerate_source(source):
             counts[source.name] += 1
             if isinstance(item, Unreadable):
                 unreadable.append(item)
+                continue
+            if item.record_id in taken:  # refused before it is read: nothing of it is kept
+                taken_down.append(item)
                 continue
             records.add(item)
             n += 1
@@ -339,7 +354,7 @@ def plan(recipe: Recipe) -> Plan:
         copies = np.concatenate(copy_parts)[order]
     else:
         rows, copies = np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return Plan(records, rows, copies, unreadable, counts)
+    return Plan(records, rows, copies, unreadable, counts, taken_down)
 
 
 def _raw_key(*parts: Any) -> bytes:
@@ -388,6 +403,7 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
         raise Rejected(e.code, e.detail) from None
     _apply_filters(source, turns, len(infos), ref.record_id)
     text_sha = sha256_bytes(normalized_text(turns).encode())
+    questions = tuple(question_keys(turns))  # before the tag: the question as the corpus asks it
     if source.tag:
         n_user = sum(t.role == "user" for t in turns)
         draws = [hash_unit(recipe.seed, "tag", ref.source, ref.ordinal, ref.record_id, entry.copy, k)
@@ -406,7 +422,7 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
     images = [(b.data, i.ext, i.width, i.height) for b, i in zip(loaded.images, infos)]
     return Sample(entry, images, tuple(sha256_bytes(b.data) for b in loaded.images), turns,
                   text_sha, tokens.ids, tokens.targets, n_image_tokens,
-                  tuple(i.orientation for i in infos))
+                  tuple(i.orientation for i in infos), tuple(i.phash for i in infos), questions)
 
 
 # ---- scan and write (Ray task bodies; plain functions so they also run in-process) ----------
@@ -425,7 +441,9 @@ def scan_chunk(recipe: Recipe, entries: list[PlanEntry], cache_uri: str | None =
     for entry in entries:
         try:
             s = process(recipe, entry, tok, cache)
-            out.append(Scanned(entry.index, key=dedup_key(s.image_sha256, s.text_sha256)))
+            out.append(Scanned(entry.index, key=dedup_key(s.image_sha256, s.text_sha256),
+                               phash=b"".join(h.to_bytes(16, "big") for h in s.image_phash),
+                               text_key=bytes.fromhex(s.text_sha256[:16])))
             samples.append(s)
         except Rejected as e:
             out.append(Scanned(entry.index, e.reason, printable(e.detail)))
@@ -446,6 +464,7 @@ def _cache_schema():
         ("index", pa.int64()), ("images", pa.list_(pa.binary())), ("exts", pa.list_(pa.string())),
         ("widths", pa.list_(pa.int32())), ("heights", pa.list_(pa.int32())),
         ("orientations", pa.list_(pa.int32())), ("image_sha256", pa.list_(pa.string())),
+        ("image_phash", pa.list_(pa.string())), ("question_keys", pa.list_(pa.string())),
         ("turns", pa.string()), ("text_sha256", pa.string()), ("ids", pa.binary()),
         ("targets", pa.binary()), ("n_image_tokens", pa.int32())])
 
@@ -464,6 +483,8 @@ def _cache_bytes(samples: list[Sample]) -> bytes:
         cols["heights"].append([h for _, _, _, h in s.images])
         cols["orientations"].append(list(s.orientations))
         cols["image_sha256"].append(list(s.image_sha256))
+        cols["image_phash"].append([f"{h:032x}" for h in s.image_phash])
+        cols["question_keys"].append(list(s.question_keys))
         cols["turns"].append(json.dumps([[t.role, t.text] for t in s.turns]))
         cols["text_sha256"].append(s.text_sha256)
         cols["ids"].append(s.ids.astype(np.int32).tobytes())
@@ -491,7 +512,9 @@ def _cached_samples(data: bytes, wanted: dict[int, PlanEntry]) -> dict[int, Samp
         found[entry.index] = Sample(
             entry, images, tuple(row["image_sha256"]), turns, row["text_sha256"],
             np.frombuffer(row["ids"], dtype=np.int32), np.frombuffer(row["targets"], dtype=np.uint8),
-            row["n_image_tokens"], tuple(row["orientations"]))
+            row["n_image_tokens"], tuple(row["orientations"]),
+            tuple(int(h, 16) for h in row["image_phash"]),
+            tuple(row["question_keys"]))
     return found
 
 
@@ -524,6 +547,8 @@ def _manifest_row(sample: Sample, key: str, shard: str, license: str) -> dict[st
         "n_image_tokens": sample.n_image_tokens,
         "image_orientations": list(sample.orientations) or [1] * len(sample.images),
         "license": license,
+        "image_phash": [f"{h:032x}" for h in sample.image_phash],
+        "question_keys": list(sample.question_keys),
     }
 
 
@@ -858,25 +883,43 @@ class ScanResults:
     def __init__(self, n: int):
         self.keys = np.zeros((n, 16), dtype=np.uint8)
         self.rejected: dict[int, tuple[str, str]] = {}
+        # near dedup's inputs, ~26 bytes per sample: first image's hash, image count, text key
+        self.phash = np.zeros((n, 2), dtype=np.uint64)
+        self.n_images = np.zeros(n, dtype=np.int16)
+        self.text_key = np.zeros(n, dtype=np.uint64)
+        self.more_phash: dict[int, np.ndarray] = {}  # hashes after the first, multi-image samples
 
     def add(self, part: list[Scanned]) -> None:
         for r in part:
             if r.reason is None:
                 self.keys[r.index] = np.frombuffer(r.key, dtype=np.uint8)
+                hashes = np.frombuffer(r.phash, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+                self.n_images[r.index] = len(hashes)
+                if len(hashes):
+                    self.phash[r.index] = hashes[0]
+                if len(hashes) > 1:
+                    self.more_phash[r.index] = hashes[1:]
+                if r.text_key:
+                    self.text_key[r.index] = int.from_bytes(r.text_key, "big")
             else:
                 self.rejected[r.index] = (r.reason, r.detail)
 
 
 def _dedup(recipe: Recipe, the_plan: Plan, results: ScanResults) -> tuple[np.ndarray, list[dict]]:
     """Plan indices of the survivors, in plan order, and reject rows for everything else
-    (unreadable ones first, then in plan order).
+    (unreadable and taken-down ones first, then in plan order).
 
     Of the accepted samples that share a dedup key, the record that comes first in the corpus
     (sources in recipe order, records in source order) is kept, whatever the seed; the others
     are duplicates of it (the copies of one record, weight > 1, are not duplicates of each
-    other)."""
+    other). With `near_dedup`, the survivors whose images are near-duplicates of an earlier
+    survivor's go too (data/near_dedup.py). A refused copy names the key its kept sample has in
+    the manifest (`duplicate_of`)."""
     rejects = [{"source": u.source, "source_id": None, "location": u.location, "copy": 0,
                 "reason": u.code, "detail": u.detail} for u in the_plan.unreadable]
+    rejects += [{"source": r.source, "source_id": r.record_id, "location": r.location, "copy": 0,
+                 "reason": "takedown", "detail": "listed in the recipe's takedown list; not read"}
+                for r in the_plan.taken_down]
     n = len(the_plan)
     accepted = np.ones(n, dtype=bool)
     accepted[list(results.rejected)] = False
@@ -896,19 +939,58 @@ def _dedup(recipe: Recipe, the_plan: Plan, results: ScanResults) -> tuple[np.nda
         dup = the_plan.rows[owners] != the_plan.rows[idx]
         duplicate[idx[dup]] = True
         owner[idx[dup]] = owners[dup]
-    bad = np.flatnonzero(~accepted | duplicate)
+    near, distance = _near_dedup(recipe, the_plan, results, accepted & ~duplicate, owner)
+    survivors = np.flatnonzero(accepted & ~duplicate & ~near)
+    bad = np.flatnonzero(~accepted | duplicate | near)
+    limit = recipe.near_dedup.max_distance if recipe.near_dedup else 0
     for start in range(0, len(bad), _BATCH):
         part = bad[start:start + _BATCH]
         for entry in the_plan.take(part):
             ref, i = entry.ref, entry.index
-            if duplicate[i]:
-                where = the_plan.records_table.locations(the_plan.rows[[owner[i]]])[0]
-                reason, detail = "duplicate", f"same images and text as {where}"
+            kept = None
+            if duplicate[i] or near[i]:
+                j = int(owner[i])
+                where = the_plan.records_table.locations(the_plan.rows[[j]])[0]
+                kept = f"{int(np.searchsorted(survivors, j)):09d}"
+                reason, detail = (("duplicate", f"same images and text as {where} (key {kept})")
+                                  if duplicate[i] else
+                                  ("near_duplicate", f"images {distance[i]} perceptual-hash bits "
+                                   f"from {where} (key {kept}; max_distance {limit})"))
             else:
                 reason, detail = results.rejected[i]
             rejects.append({"source": ref.source, "source_id": ref.record_id, "location": ref.location,
-                            "copy": entry.copy, "reason": reason, "detail": detail})
-    return np.flatnonzero(accepted & ~duplicate), rejects
+                            "copy": entry.copy, "reason": reason, "detail": detail,
+                            "duplicate_of": kept})
+    return survivors, rejects
+
+
+def _near_dedup(recipe: Recipe, the_plan: Plan, results: ScanResults, alive: np.ndarray,
+                owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(near, distance) per plan index: which of the `alive` samples near_dedup refuses, and
+    the Hamming distance to the sample kept instead. Sets `owner` for them, and moves the exact
+    duplicates of a refused sample to the sample that was kept instead of it."""
+    near = np.zeros(len(alive), dtype=bool)
+    distance = np.zeros(len(alive), dtype=np.int64)
+    cfg = recipe.near_dedup
+    if cfg is None:
+        return near, distance
+    from lladav.data.near_dedup import near_duplicates
+
+    idx = np.flatnonzero(alive & (results.n_images > 0))
+    group = results.n_images[idx].astype(np.uint64)
+    if cfg.compare == "images_and_text":
+        group = group ^ (results.text_key[idx] * np.uint64(0x9E3779B97F4A7C15))
+    position = {int(i): k for k, i in enumerate(idx)}
+    more = {position[i]: h for i, h in results.more_phash.items() if i in position}
+    local, dist = near_duplicates(results.phash[idx], the_plan.rows[idx], group,
+                                  cfg.max_distance, more)
+    hit = local >= 0
+    near[idx[hit]] = True
+    owner[idx[hit]] = idx[local[hit]]
+    distance[idx[hit]] = dist[hit]
+    moved = (owner >= 0) & ~near & near[np.maximum(owner, 0)]
+    owner[moved] = owner[owner[moved]]
+    return near, distance
 
 
 def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: list[dict]) -> None:
@@ -916,10 +998,11 @@ def check_accounting(recipe: Recipe, the_plan: Plan, samples: Counter, rejects: 
 
     Per source, samples + rejected == selected + unreadable, where `selected` is the planned
     copies of the records that could be split out (records x weight) and `unreadable` the parts
-    that could not. With weight 1 that is `accepted + rejected == records`.
+    that could not, and the records a takedown refused. With weight 1 that is `accepted + rejected == records`.
     """
     selected = the_plan.selected()
     unreadable = Counter(u.source for u in the_plan.unreadable)
+    unreadable.update(r.source for r in the_plan.taken_down)  # read as records, never planned
     rejected = Counter(r["source"] for r in rejects)
     for source in recipe.sources:
         n = source.name

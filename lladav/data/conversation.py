@@ -11,6 +11,7 @@ Special token ids are looked up by name in the tokenizer a recipe names, never h
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -164,6 +165,23 @@ def normalized_text(turns: list[Turn]) -> str:
     """The text identity used for exact dedup: NFKC, case-folded, whitespace collapsed, with roles."""
     return "\n".join(f"{t.role}: {_WS.sub(' ', unicodedata.normalize('NFKC', t.text)).strip().casefold()}"
                      for t in turns)
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def question_key(text: str) -> str:
+    """The identity of a question for contamination checks: 16 hex digits of the sha256 of its
+    text with `<image>` tags and punctuation removed, NFKC, case-folded, whitespace collapsed
+    ("What colour is it?" and "what colour is it" are one question)."""
+    plain = unicodedata.normalize("NFKC", text.replace(IMAGE, " ")).casefold()
+    plain = _WS.sub(" ", _PUNCT.sub(" ", plain)).strip()
+    return hashlib.sha256(plain.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def question_keys(turns: list[Turn]) -> list[str]:
+    """`question_key` of each user turn, in order."""
+    return [question_key(t.text) for t in turns if t.role == "user"]
 
 
 class ChatTokenizer:

@@ -54,6 +54,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("image_orientations", pa.list_(pa.int8())),  # EXIF orientation per image (1 = upright);
     # widths/heights above are after it is applied, as every reader decodes (images.to_rgb)
     ("license", pa.string()),          # the source's licence (config.Source.license)
+    ("image_phash", pa.list_(pa.string())),  # 32-hex perceptual hash per image (images.perceptual_hash)
+    ("question_keys", pa.list_(pa.string())),  # conversation.question_key of each user turn
 ])
 
 # A view's manifest: a mixture's columns, but `key` is the view's own sample key
@@ -73,6 +75,7 @@ REJECTS_SCHEMA = pa.schema([
     ("copy", pa.int32()),
     ("reason", pa.string()),           # short code: image_truncated, duplicate, too_long, ...
     ("detail", pa.string()),           # the human explanation
+    ("duplicate_of", pa.string()),     # duplicate / near_duplicate: the manifest key of the kept sample
 ])
 
 

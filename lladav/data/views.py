@@ -188,6 +188,9 @@ def select(mixture: mf.Mixture, index: int, weights: dict[str, float],
         by_source = mixture.info["counts"]["by_source"]
         columns["license"] = _map_strings(picked["source"], lambda s: by_source.get(s, {}).get(
             "license", "unknown"))
+    for name in ("image_phash", "question_keys"):  # a mixture built before manifests had them
+        if name not in columns:
+            columns[name] = pa.nulls(len(take), mf.MANIFEST_SCHEMA.field(name).type)
     columns.update({
         "key": pc.binary_join_element_wise(f"m{index}", picked["key"], copy_text, "-"),
         "shard": _map_strings(picked["shard"], mixture.shard_uri),

@@ -15,9 +15,11 @@ SOURCES = {"stage1": ("captions", "captions.json"), "stage2": ("qa", "qa.json"),
 
 def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str | None,
                    steps: int = 3, every: int = 2, stage2: dict[str, Any] | None = None,
-                   eval_limit: int = 3, name: str = "ptest", suite: bool = False) -> Path:
+                   eval_limit: int = 3, name: str = "ptest", suite: bool = False,
+                   openlineage: dict[str, Any] | None = None) -> Path:
     """Recipes, stage YAMLs and pipeline.yaml under `root`; returns the pipeline's path.
-    `corpus` is a synth_all folder (corpus/, tokenizer/)."""
+    `corpus` is a synth_all folder (corpus/, tokenizer/); `openlineage` the pipeline's
+    `openlineage:` block (config.OpenLineageSettings), if given."""
     root.mkdir(parents=True, exist_ok=True)
     for stage, (source, file) in SOURCES.items():
         (root / f"mix_{stage}.yaml").write_text(yaml.safe_dump({
@@ -36,6 +38,7 @@ def write_pipeline(root: Path, corpus: Path, *, storage: str, tracking_uri: str 
     pipeline = {
         "name": name, "storage": storage,
         "mlflow": {"tracking_uri": tracking_uri, "experiment": name},
+        **({"openlineage": openlineage} if openlineage is not None else {}),
         "steps": [
             {"name": "mix-stage1", "kind": "data", "recipe": "mix_stage1.yaml"},
             {"name": "mix-stage2", "kind": "data", "recipe": "mix_stage2.yaml"},

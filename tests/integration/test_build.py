@@ -62,6 +62,60 @@ def test_s3_and_local_and_worker_counts_give_identical_bytes(tmp_path, synth_dir
     assert not any(n.startswith("_build") for n in c)
 
 
+def test_near_duplicate_images_are_refused_naming_the_kept_key_at_any_worker_count(tmp_path, synth_dir):
+    """40 generated images captioned, then 20 resized / re-encoded / cropped / enlarged copies
+    with their original's caption, and 5 records asking something else about an original (a
+    VQA corpus's normal case, kept): near dedup refuses the copies, naming the original's key,
+    with the same bytes from 1 and 2 workers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from near_copies import copy, distinct, encode
+
+    folder = tmp_path / "corpus"
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    originals = distinct(40, seed=5)
+    records = []
+
+    def add(rid: str, data: bytes, ext: str, question: str, answer: str) -> None:
+        (folder / "images" / f"{rid}.{ext}").write_bytes(data)
+        records.append({"id": rid, "image": f"images/{rid}.{ext}", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+
+    for i, img in enumerate(originals):
+        add(f"orig-{i}", encode(img), "png", "Describe the image.", f"caption number {i}")
+    for i in range(20):
+        data = copy(originals[i], i % 4, rng)
+        add(f"copy-{i}", data, "jpg" if data[:2] == b"\xff\xd8" else "png", "Describe the image.",
+            f"caption number {i}")
+    for i in range(5):
+        add(f"other-{i}", encode(originals[i]), "png", "How many shapes are there?", "three")
+    (folder / "data.json").write_text(json.dumps(records))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "near", "tokenizer": str(synth_dir / "tokenizer"), "max_length": 512,
+        "samples_per_shard": 8, "seed": 1, "near_dedup": {"max_distance": 8},
+        "vision": {"tile_size": 32, "patch_size": 8, "max_grid": 2},
+        "sources": [{"name": "web", "kind": "llava_json", "location": str(folder / "data.json")}]}))
+    recipe = load_recipe(path)
+    one = build(recipe, str(tmp_path / "one"), num_workers=1)
+    two = build(recipe, str(tmp_path / "two"), num_workers=2)
+    a, b = _files(one.uri), _files(two.uri)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+
+    rejects = one.rejects().to_pylist()
+    near = {r["source_id"]: r for r in rejects if r["reason"] == "near_duplicate"}
+    assert len(near) >= 19 and set(near) <= {f"copy-{i}" for i in range(20)}, sorted(near)
+    by_key = {r["key"]: r for r in one.manifest().to_pylist()}
+    for rid, r in near.items():
+        kept = by_key[r["duplicate_of"]]
+        assert kept["source_id"] == "orig-" + rid.split("-")[1], (rid, kept["source_id"])
+        assert f"key {r['duplicate_of']}" in r["detail"] and "perceptual-hash bits" in r["detail"]
+    kept_ids = {r["source_id"] for r in by_key.values()}
+    assert {f"orig-{i}" for i in range(40)} | {f"other-{i}" for i in range(5)} <= kept_ids
+    assert len(by_key) + len(rejects) == len(records)
+    assert all(len(h) == 1 and len(h[0]) == 32 for h in one.manifest().column("image_phash").to_pylist())
+
+
 def test_shards_open_with_plain_webdataset_and_ray_data(tmp_path, synth_dir):
     import ray.data
     import webdataset as wds

@@ -47,7 +47,8 @@ def record_id(corpus: Path, file: str, index: int) -> str:
     return json.loads((corpus / "corpus" / file).read_text())[index]["id"]
 
 
-def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_server, monkeypatch):
+def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_server, monkeypatch,
+                                     openlineage_receiver):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("LLADAV_TEST_API_TOKEN", SECRET)  # a credential the process can see
@@ -55,7 +56,7 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     # ...and one pasted into the config itself, as users do with URLs
     tracking = f"http://lladav:{SECRET}@{host}"
     path = write_pipeline(tmp_path / "p", synth_dir, storage=f"{s3_bucket}/pipe", tracking_uri=tracking,
-                          suite=True)
+                          suite=True, openlineage={"url": openlineage_receiver.url})
     client = MlflowClient(mlflow_server.url)
 
     first = {p.name: p for p in run(load_pipeline(path))}
@@ -64,6 +65,37 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     assert evaluation["n"] == 3 and 0.0 <= evaluation["accuracy"] <= 1.0
     assert evaluation["export"] == first["stage3"].record["outputs"]["export"]
     assert first["stage3"].record["outputs"]["export"].startswith(s3_bucket)
+
+    # OpenLineage: what the run POSTed to the receiver (openlineage.url). Every event validates
+    # against the spec's schema (as rebuilt from openlineage-python, tests/openlineage_events.py);
+    # each step ran once: START then COMPLETE; the datasets chain corpus qa.json -> mix-stage2's
+    # mixture (its digest) -> stage2 -> its export -> stage3 (the parent export) -> its export
+    # (its licences) -> eval -> results (its accuracy); no secret in any event.
+    from openlineage_events import Validator, by_job, dataset_ids, feeds, named
+
+    events = list(openlineage_receiver.events)
+    validator = Validator()
+    for event in events:
+        validator.validate(event)
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        (f"ptest.{name}", state) for name in first for state in ("START", "COMPLETE")]
+    completed = by_job(events, "COMPLETE")
+    mix2, stage2, stage3, evaluated = (completed[f"ptest.{name}"]
+                                       for name in ("mix-stage2", "stage2", "stage3", "eval"))
+    outputs = {name: p.record["outputs"] for name, p in first.items()}
+    assert named(str(synth_dir / "corpus" / "qa.json")) in dataset_ids(mix2["inputs"])
+    mixture_id = named(outputs["mix-stage2"]["mixture"])
+    assert feeds(mix2, stage2) == {mixture_id}
+    (mixture,) = [d for d in stage2["inputs"] if (d["namespace"], d["name"]) == mixture_id]
+    assert mixture["facets"]["lladav_digest"]["sha256"] == outputs["mix-stage2"]["digest"]
+    assert feeds(stage2, stage3) == {named(outputs["stage2"]["export"])}
+    assert feeds(stage3, evaluated) == {named(outputs["stage3"]["export"])}
+    (export3,) = stage3["outputs"]
+    assert export3["facets"]["lladav_licenses"]["licenses"] == outputs["stage3"]["licenses"]
+    (results,) = evaluated["outputs"]
+    assert results["facets"]["lladav_scores"]["scores"]["accuracy"] == evaluation["accuracy"]
+    assert SECRET not in json.dumps(events)
+    # (end of the OpenLineage block)
 
     # the cpu_mini suite through lmms-eval's CLI: scores, s/sample and forward passes in MLflow
     suite = first["suite"].record
@@ -91,6 +123,18 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     detail = next(n.detail for n in evals if n.run_id == suite["run_id"])
     assert detail.startswith("suite cpu_mini · cpu_mini_mc: accuracy ") and "s/sample" in detail
     assert "cpu_mini_short: accuracy " in detail
+    # contamination: each eval run holds the held-out set's report against the three stages'
+    # mixtures, stored beside each manifest, and lineage show names it beside the scores
+    for ev in (first["eval"].record, suite):
+        logged = {a.path for a in client.list_artifacts(ev["run_id"], "contamination")}
+        assert logged == {f"contamination/{s}.json" for s in ("stage1", "stage2", "stage3")}
+        ev_tags = client.get_run(ev["run_id"]).data.tags
+        assert " of 9 test records overlap the training data" in ev_tags["lladav.contamination"]
+        reports = ev_tags["lladav.contamination_reports"].split()
+        assert len(reports) == 3 and all(storage.exists(r) for r in reports)
+        assert {r.split("/contamination/")[0] for r in reports} == {
+            first[m].record["outputs"]["mixture"] for m in ("mix-stage1", "mix-stage2", "mix-stage3")}
+        assert "contamination: " in next(n.detail for n in evals if n.run_id == ev["run_id"])
     for mix, (source, file) in zip(("mix-stage1", "mix-stage2", "mix-stage3"),
                                    (("captions", "captions.json"), ("qa", "qa.json"),
                                     ("reasoning", "reasoning.json"))):
@@ -179,6 +223,67 @@ def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_serv
     rerun2 = client.get_run(third["stage2"].record["run_id"])
     assert rerun2.data.tags["lladav.parent_run"] == first["stage1"].record["run_id"]
     assert rerun2.data.params["stage.trainable.language_model"] == "0.001"
+
+    # Takedown of one reasoning record through the CLI. Naming the (still empty) list in the
+    # pipeline reruns nothing; after the request, the rerun rebuilds mix-stage3 without it and
+    # retrains stage3 (and reruns the evals), nothing else; trace marks the old exports.
+    import pyarrow.compute as pc
+    from typer.testing import CliRunner
+
+    from lladav import takedown
+    from lladav.cli import app
+
+    edit = yaml.safe_load(path.read_text())
+    edit["takedowns"] = "takedowns.yaml"
+    path.write_text(yaml.safe_dump(edit, sort_keys=False))
+    assert {p.name: p.state for p in plan(load_pipeline(path))} == {p: "done" for p in third}
+    gone = record_id(synth_dir, "reasoning.json", 3)
+    readers = {third["stage3"].record["outputs"]["export"], export}
+    assert {h.export for h in own(lineage.trace("reasoning", gone, mlflow_server.url))} == readers
+    cli = CliRunner().invoke(app, ["lineage", "takedown", "--pipeline", str(path), "--source",
+                                   "reasoning", "--record", gone, "--reason", "notice 42"])
+    assert cli.exit_code == 0, cli.output
+    assert "takedown td-" in cli.output and "1 record(s) of reasoning" in cli.output
+    entry, = takedown.read_list(str(path.parent / "takedowns.yaml"))
+    assert (entry.source, entry.records, entry.reason) == ("reasoning", [gone], "notice 42")
+    assert client.get_run(entry.run_id).data.tags["lladav.kind"] == "takedown"
+    held = json.loads(Path(client.download_artifacts(entry.run_id, "takedown/request.json",
+                                                     str(tmp_path))).read_text())
+    assert {m["uri"] for m in held["mixtures"] if m["uri"].startswith(s3_bucket)} == {
+        first["mix-stage3"].record["outputs"]["mixture"]}
+    assert {h["export"] for h in held["exports"] if (h["export"] or "").startswith(s3_bucket)} == readers
+
+    fourth = {p.name: p for p in run(load_pipeline(path))}
+    after_takedown = done_bytes(fourth.values())
+    assert {k for k in after if after[k] != after_takedown[k]} == {"mix-stage3", "stage3", "eval",
+                                                                   "suite"}
+    rebuilt = open_mixture(fourth["mix-stage3"].record["outputs"]["mixture"])
+    assert gone not in rebuilt.manifest().column("source_id").to_pylist()
+    refused = rebuilt.rejects().filter(pc.equal(rebuilt.rejects()["reason"], "takedown"))
+    assert refused.column("source_id").to_pylist() == [gone]
+    assert rebuilt.info["recipe"]["taken_down"] == {"reasoning": [gone]}
+    for p in fourth.values():                       # no mixture of the pipeline holds it now
+        if p.kind == "data":
+            rows = open_mixture(p.record["outputs"]["mixture"]).manifest().to_pylist()
+            assert not [r for r in rows if (r["source"], r["source_id"]) == ("reasoning", gone)]
+    hits = own(lineage.trace("reasoning", gone, mlflow_server.url))
+    assert {h.export for h in hits} == readers      # only the pre-takedown exports...
+    assert all(h.superseded and h.superseded.startswith(f"takedown {entry.id}") for h in hits)
+
+    status, = takedown.status(str(path.parent / "takedowns.yaml"), mlflow_server.url)
+    mine = lambda items: [m for m in items if m["uri"].startswith(s3_bucket)]  # noqa: E731
+    assert [m["uri"] for m in mine(status.rebuilt)] == [rebuilt.uri]
+    assert mine(status.still_holding) == []
+    assert {m["uri"] for m in mine(status.superseded)} == {
+        first["mix-stage3"].record["outputs"]["mixture"]}
+    assert [(r["step"], r["export"]) for r in status.retrained
+            if (r["export"] or "").startswith(s3_bucket)] == [
+        ("stage3", fourth["stage3"].record["outputs"]["export"])]
+    logged = {a.path for a in client.list_artifacts(entry.run_id, "takedown")}
+    assert logged == {"takedown/request.json", "takedown/status.json"}
+    cli = CliRunner().invoke(app, ["lineage", "takedown", "--pipeline", str(path), "--status"])
+    assert cli.exit_code == 0, cli.output
+    assert f"retrained: stage stage3 -> {fourth['stage3'].record['outputs']['export']}" in cli.output
 
 
 def metric_steps(db: Path, run_id: str) -> list[int]:

@@ -87,7 +87,7 @@ def _reference_dedup(entries, results, source_order):
             continue
         first = owner[results.keys[e.index].tobytes()][1]
         if (first.ref.source, first.ref.ordinal) != (e.ref.source, e.ref.ordinal):
-            dups[e.index] = first.ref.location
+            dups[e.index] = (first.ref.location, first.index)
         else:
             survivors.append(e.index)
     return survivors, dups
@@ -113,9 +113,13 @@ def test_the_vectorised_dedup_decides_as_the_one_at_a_time_rule(tmp_path):
     assert survivors.tolist() == want_survivors
     dup_rows = [r for r in rejects if r["reason"] == "duplicate"]
     assert len(dup_rows) == len(want_dups) > 50
-    by_location = {(entries[i].ref.location, entries[i].copy): f"same images and text as {owner}"
-                   for i, owner in want_dups.items()}
-    assert {(r["location"], r["copy"]): r["detail"] for r in dup_rows} == by_location
+    # each names the record it repeats, and that record's key in the manifest (its survivor rank)
+    by_location = {(entries[i].ref.location, entries[i].copy):
+                   (f"same images and text as {where} (key {want_survivors.index(kept):09d})",
+                    f"{want_survivors.index(kept):09d}")
+                   for i, (where, kept) in want_dups.items()}
+    assert {(r["location"], r["copy"]): (r["detail"], r["duplicate_of"])
+            for r in dup_rows} == by_location
     # Rejects come in plan order: scan rejects and duplicates interleaved.
     order = [(r["location"], r["copy"]) for r in rejects]
     plan_pos = {(e.ref.location, e.copy): e.index for e in entries}

@@ -3,7 +3,8 @@
 infra/: every YAML parses; the KubeRay RayCluster has GPU workers big enough for the paper's
 stages and the RayJob runs `lladav pipeline run` on a pipeline of this repo; the Ray launcher
 config passes Ray's own schema; MLflow runs on PostgreSQL with S3 artifacts and takes credentials
-only from Secrets or the environment; no infra file holds a literal secret; the images the files
+only from Secrets or the environment; Marquez runs on its own PostgreSQL and a pipeline's
+`openlineage.url` can name its Service; no infra file holds a literal secret; the images the files
 name are the ones infra/README.md documents. data_recipes/llada_v/ and stages/llada_v/: each
 loads with lladav.config and carries the numbers of lladav_reference.md "Stages".
 """
@@ -60,6 +61,11 @@ def one(kind: str) -> dict:
     return found[0]
 
 
+def named(kind: str, name: str) -> dict:
+    (found,) = [d for d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
 def walk(obj: Any) -> Iterator[dict]:
     if isinstance(obj, dict):
         yield obj
@@ -90,7 +96,8 @@ def recipe_for(stage_stem: str) -> Path:
 # ---- infra files -----------------------------------------------------------------------------
 
 def test_every_infra_yaml_parses():
-    assert {p.relative_to(INFRA).parts[0] for p in INFRA_YAMLS} >= {"ray", "kuberay", "mlflow"}
+    assert {p.relative_to(INFRA).parts[0] for p in INFRA_YAMLS} >= {"ray", "kuberay", "mlflow",
+                                                                  "marquez"}
     for path in INFRA_YAMLS:
         assert docs(path), f"{path}: no YAML document"
 
@@ -169,7 +176,7 @@ def test_mlflow_server_uses_postgres_and_s3_and_serves_the_pipelines_uri():
     assert any(a.startswith("--artifacts-destination=s3://") for a in argv)
     store = _env(server)["MLFLOW_BACKEND_STORE_URI"]["value"]
     assert store.startswith("postgresql://") and "$(POSTGRES_PASSWORD)" in store
-    database = one("StatefulSet")
+    database = named("StatefulSet", "mlflow-postgres")
     assert [c["image"] for c in containers(database)][0].startswith("postgres:")
     # The database host in the URI is the Service in front of the StatefulSet.
     services = {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "Service"}
@@ -199,6 +206,48 @@ def test_mlflow_compose_uses_postgres_and_s3_from_the_environment():
     for name, value in services["postgres"]["environment"].items():
         if SECRET_NAME.search(name):
             assert str(value).startswith("${"), name
+
+
+def test_marquez_runs_on_its_postgres_and_a_pipeline_can_send_it_events():
+    from lladav.config import parse_pipeline
+
+    kustomization = yaml.safe_load((INFRA / "marquez" / "kustomization.yaml").read_text())
+    (server,) = named("Deployment", "marquez")["spec"]["template"]["spec"]["containers"]
+    assert server["image"].startswith("marquezproject/marquez:")
+    env = {name: e.get("value") for name, e in _env(server).items()}
+    # its config is marquez.yml from the generated ConfigMap, reading the database from the env
+    mount = next(m for m in server["volumeMounts"]
+                 if env["MARQUEZ_CONFIG"].startswith(m["mountPath"]))
+    volume = next(v for v in named("Deployment", "marquez")["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    (generated,) = [g for g in kustomization["configMapGenerator"]
+                    if g["name"] == volume["configMap"]["name"]]
+    assert [Path(f).name for f in generated["files"]] == [Path(env["MARQUEZ_CONFIG"]).name]
+    config = yaml.safe_load((INFRA / "marquez" / "marquez.yml").read_text())
+    assert (config["db"]["user"], config["db"]["password"]) == ("${POSTGRES_USER}",
+                                                                "${POSTGRES_PASSWORD}")
+    assert config["server"]["applicationConnectors"][0]["port"] == "${MARQUEZ_PORT:-5000}"
+    # the database host is the Service in front of Marquez's own PostgreSQL StatefulSet
+    database = named("StatefulSet", "marquez-postgres")
+    assert env["POSTGRES_HOST"] == database["spec"]["serviceName"]
+    assert named("Service", database["spec"]["serviceName"])
+    # the UI reads the API Service; pipelines post to it at the URL infra/README.md gives
+    api = named("Service", "marquez")
+    assert int(env["MARQUEZ_PORT"]) in [p["port"] for p in api["spec"]["ports"]]
+    (web,) = named("Deployment", "marquez-web")["spec"]["template"]["spec"]["containers"]
+    assert _env(web)["MARQUEZ_HOST"]["value"] == api["metadata"]["name"]
+    url = f"http://{api['metadata']['name']}.{kustomization['namespace']}.svc:{env['MARQUEZ_PORT']}"
+    assert f"openlineage: {{url: {url}}}" in (INFRA / "README.md").read_text()
+    pipe = parse_pipeline({"name": "p", "openlineage": {"url": url},
+                           "steps": [{"name": "s", "kind": "synth", "output": "out"}]})
+    assert pipe.openlineage.url == url
+    # docker compose: the password from the shell; the API beside MLflow's :5000 on one host
+    compose = yaml.safe_load((INFRA / "marquez" / "docker-compose.yaml").read_text())
+    for service in ("postgres", "marquez"):
+        assert compose["services"][service]["environment"]["POSTGRES_PASSWORD"].startswith("${")
+    mlflow = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())
+    host_ports = lambda s: {p.split(":")[0] for p in s["ports"]}  # noqa: E731
+    assert not host_ports(compose["services"]["marquez"]) & host_ports(mlflow["services"]["mlflow"])
 
 
 SECRET_NAME = re.compile(r"(?i)(secret|password|passwd|token|access_key)")
@@ -263,6 +312,8 @@ def test_kubernetes_credentials_come_only_from_secrets():
 def _named_images() -> set[str]:
     images = {c["image"] for d in k8s_docs() for c in containers(d)}
     compose = yaml.safe_load((INFRA / "mlflow" / "docker-compose.yaml").read_text())
+    images |= {s["image"] for s in compose["services"].values()}
+    compose = yaml.safe_load((INFRA / "marquez" / "docker-compose.yaml").read_text())
     images |= {s["image"] for s in compose["services"].values()}
     launcher = yaml.safe_load((INFRA / "ray" / "cluster.yaml").read_text())
     images |= {launcher["docker"][k] for k in ("image", "head_image", "worker_image")
