@@ -590,6 +590,8 @@ def lineage_takedown(
     takedown_list: str = typer.Option(None, "--list", help="Or the takedown list's URI (a recipe's `takedowns`)."),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default: the pipeline's, $MLFLOW_TRACKING_URI or ./.lladav/mlflow.db."),
     show_status: bool = typer.Option(False, "--status", help="Instead: where every takedown of the list stands."),
+    with_copies: bool = typer.Option(False, "--with-copies", help="Also refuse copies of the records' images in every source (rebuilds every mixture reading the list)."),
+    mixture: list[str] = typer.Option([], "--mixture", help="A mixture to look in besides those MLflow knows (repeatable)."),
 ) -> None:
     """Take records down: list the mixtures and exports holding them, add them to the takedown
     list the recipes read (the next `pipeline run` rebuilds without them), record it in MLflow.
@@ -616,7 +618,7 @@ def lineage_takedown(
             raise ConfigError("--source is required (the source name as in the recipes)")
         ids = list(record) + (td.read_records_file(records) if records else [])
         req = td.request(takedown_list, source, ids, reason=reason, tracking_uri=tracking_uri,
-                         experiment=experiment)
+                         experiment=experiment, with_copies=with_copies, mixtures=mixture)
     table = Table(title=f"takedown {req.entry.id}: {len(req.entry.records)} record(s) of {source}")
     for col in ("held by", "uri", "step", "run", "how"):
         table.add_column(col, overflow="fold")

@@ -186,6 +186,11 @@ class Recipe(StrictModel):
     """Filled from `takedowns` when the recipe is loaded: source name -> the record ids taken
     down, for this recipe's sources only (so a takedown rebuilds only the mixtures that hold the
     source). Recorded in mixture.json; not meant to be written by hand."""
+    taken_down_images: list[str] = []
+    """Filled from `takedowns` too: the perceptual hashes (images.perceptual_hash, 32 hex digits)
+    of images taken down with their copies (`lineage takedown --with-copies`). A sample of any
+    source holding one of them, or a copy within `near_dedup.max_distance` (8 without
+    near_dedup), is refused as `takedown`. Every recipe that reads the list gets them."""
 
     @field_validator("sources")
     @classmethod
@@ -261,7 +266,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if recipe.takedowns:
         from lladav.takedown import taken_down
 
-        recipe = recipe.model_copy(update={"taken_down": taken_down(recipe.takedowns, recipe)})
+        recipe = recipe.model_copy(update=taken_down(recipe.takedowns, recipe))
     return recipe
 
 

@@ -582,6 +582,7 @@ def _takedowns_of(client: Any, source: str, records: list[str]) -> list[tuple[st
     `records`, oldest first (read from their request runs' takedown/request.json)."""
     import json
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per file
     runs = _all_runs(client, f"tags.`{PREFIX}kind` = 'takedown' and "
                              f"tags.`{PREFIX}takedown.source` = '{source}'")
     wanted, out = set(records), []
@@ -643,6 +644,12 @@ def mixtures_holding(source: str, records: list[str], tracking_uri: str | None =
                         "run_id": run.info.run_id, "start_time": run.info.start_time,
                         "samples": samples, "taken_down": taken, "mixtures": parts})
     return out
+
+
+def mixture_holding(uri: str, source: str, records: list[str]) -> dict[str, Any]:
+    """`mixtures_holding`'s row for one mixture URI that MLflow need not know."""
+    return {"uri": uri, "kind": "mixture", "step": "(given)", "run_id": "-", "start_time": 0,
+            "samples": _manifest_counts(uri, source, records, {}), "taken_down": 0, "mixtures": []}
 
 
 def stages_after(mixtures: set[str], since_ms: int, tracking_uri: str | None = None

@@ -67,6 +67,9 @@ class Entry(BaseModel):
     """UTC time of the request, ISO 8601 (`2026-12-08T03:40:00Z`)."""
     run_id: str | None = None
     """The MLflow run that records the request."""
+    images: list[str] = []
+    """With --with-copies: the perceptual hashes of the records' images (from the manifests
+    that held them); copies of them are refused in every source of every recipe reading the list."""
 
     @property
     def requested_ms(self) -> int:
@@ -96,14 +99,19 @@ def list_bytes(entries: list[Entry]) -> bytes:
                           sort_keys=False, allow_unicode=True).encode()
 
 
-def taken_down(uri: str, recipe: Any) -> dict[str, list[str]]:
-    """Source name -> sorted record ids taken down, for `recipe`'s sources (config.Recipe)."""
+def taken_down(uri: str, recipe: Any) -> dict[str, Any]:
+    """What the list takes from `recipe` (config.Recipe): `taken_down`, source name -> sorted
+    record ids of its sources, and `taken_down_images`, the sorted image hashes of every entry
+    taken down with its copies."""
     names = {s.name for s in recipe.sources}
     out: dict[str, set[str]] = {}
+    images: set[str] = set()
     for e in read_list(uri):
         if e.source in names:
             out.setdefault(e.source, set()).update(e.records)
-    return {k: sorted(v) for k, v in sorted(out.items())}
+        images.update(e.images)
+    return {"taken_down": {k: sorted(v) for k, v in sorted(out.items())},
+            "taken_down_images": sorted(images)}
 
 
 def read_records_file(path: str) -> list[str]:
@@ -125,16 +133,28 @@ class Request:
 
 
 def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
-            tracking_uri: str | None = None, experiment: str = "lladav") -> Request:
-    """Record a takedown: what holds the records now, the entry in the list, an MLflow run."""
+            tracking_uri: str | None = None, experiment: str = "lladav",
+            with_copies: bool = False, mixtures: list[str] = ()) -> Request:
+    """Record a takedown: what holds the records now, the entry in the list, an MLflow run.
+    `with_copies`: also the records' images, read from the manifests that hold them, so that
+    their copies under other ids or in other sources are refused too. `mixtures`: mixture URIs
+    to look in besides those MLflow knows (a `lladav data build` outside a pipeline)."""
     from lladav import lineage
     from lladav.lease import lease
 
     records = sorted(set(records))
     if not records:
         raise TakedownError("no record ids given: pass --record or --records FILE")
-    mixtures = lineage.mixtures_holding(source, records, tracking_uri)
+    known = lineage.mixtures_holding(source, records, tracking_uri)
+    given = [m for uri in mixtures if uri not in {k["uri"] for k in known}
+             if (m := lineage.mixture_holding(uri, source, records))["samples"]]
+    mixtures = known + given
     exports = lineage.trace(source, records=records, tracking_uri=tracking_uri)
+    images = _record_images(mixtures, source, records) if with_copies else []
+    if with_copies and not images:
+        raise TakedownError(f"--with-copies: no manifest in {lineage.scrub(tracking_uri or '')} "
+                            f"holds an image of these records of {source}, so their copies "
+                            "cannot be recognised; take them down by id (without --with-copies)")
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     entry_id = f"td-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     lin = lineage.Lineage(tracking_uri, experiment)
@@ -144,7 +164,7 @@ def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
         f"{lineage.PREFIX}takedown.records": str(len(records)),
         f"{lineage.PREFIX}takedown.list": list_uri})
     entry = Entry(id=entry_id, source=source, records=records, reason=reason,
-                  requested=now.isoformat().replace("+00:00", "Z"), run_id=run_id)
+                  requested=now.isoformat().replace("+00:00", "Z"), run_id=run_id, images=images)
     # Read, append, write under a lease on the list's folder: two requests at once both land.
     with lease(storage.parent(list_uri), f"takedown {entry_id}"):
         entries = read_list(list_uri)
@@ -154,6 +174,25 @@ def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
         "exports": [vars(h) for h in exports]}))
     lin.end_run(run_id)
     return Request(entry, list_uri, mixtures, exports)
+
+
+def _record_images(mixtures: list[dict[str, Any]], source: str, records: list[str]) -> list[str]:
+    """The perceptual hashes of the records' images, as the manifests holding them recorded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lladav.data.manifest import open_mixture
+
+    found: set[str] = set()
+    for m in mixtures:
+        table = open_mixture(m["uri"]).manifest()
+        if "image_phash" not in table.column_names:
+            continue
+        mask = pc.and_(pc.equal(table["source"], source),
+                       pc.is_in(table["source_id"], value_set=pa.array(records, pa.string())))
+        for hashes in table.filter(mask)["image_phash"].to_pylist():
+            found.update(h for h in hashes or [] if h)
+    return sorted(found)
 
 
 # ---- status ------------------------------------------------------------------------------------

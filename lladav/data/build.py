@@ -921,6 +921,7 @@ def _dedup(recipe: Recipe, the_plan: Plan, results: ScanResults) -> tuple[np.nda
                  "reason": "takedown", "detail": "listed in the recipe's takedown list; not read"}
                 for r in the_plan.taken_down]
     n = len(the_plan)
+    _refuse_taken_down_images(recipe, results)
     accepted = np.ones(n, dtype=bool)
     accepted[list(results.rejected)] = False
     duplicate = np.zeros(n, dtype=bool)
@@ -962,6 +963,27 @@ def _dedup(recipe: Recipe, the_plan: Plan, results: ScanResults) -> tuple[np.nda
                             "copy": entry.copy, "reason": reason, "detail": detail,
                             "duplicate_of": kept})
     return survivors, rejects
+
+
+def _refuse_taken_down_images(recipe: Recipe, results: ScanResults) -> None:
+    """Mark as `takedown` rejects the accepted samples holding a copy of an image the takedown
+    list took down with its copies (`Recipe.taken_down_images`): any source, any id."""
+    if not recipe.taken_down_images:
+        return
+    from lladav.data.near_dedup import matches
+
+    limit = recipe.near_dedup.max_distance if recipe.near_dedup else 8
+    taken = np.array([(int(h[:16], 16), int(h[16:], 16)) for h in recipe.taken_down_images],
+                     dtype=np.uint64).reshape(-1, 2)
+    done = np.zeros(len(results.n_images), dtype=bool)
+    done[list(results.rejected)] = True
+    idx = np.flatnonzero(~done & (results.n_images > 0))
+    owner = [idx, *(np.full(len(h), i) for i, h in results.more_phash.items() if not done[i])]
+    hashes = [results.phash[idx], *(h for i, h in results.more_phash.items() if not done[i])]
+    _, hit, dist = matches(taken, np.concatenate(hashes), limit)
+    for i, d in zip(np.concatenate(owner)[hit].tolist(), dist.tolist()):
+        results.rejected.setdefault(int(i), ("takedown", f"an image {d} perceptual-hash bits from "
+                                                         "one the takedown list took down with its copies"))
 
 
 def _near_dedup(recipe: Recipe, the_plan: Plan, results: ScanResults, alive: np.ndarray,

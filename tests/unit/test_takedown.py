@@ -120,3 +120,29 @@ def test_a_takedown_is_complete_only_when_rebuilt_and_nothing_since_holds_or_rea
     assert not td.Status(entry, rebuilt=[mixture], still_holding=[mixture]).complete
     assert not td.Status(entry, rebuilt=[mixture], superseded_exports=[old, late]).complete
     assert td.Status(entry, rebuilt=[mixture]).to_json()["complete"] is True
+
+
+def test_a_takedown_with_copies_refuses_the_image_in_every_source(tmp_path):
+    from lladav.data.build import Scanned
+
+    taken = (0x0123456789ABCDEF, 0x0FEDCBA987654321)
+    near = (taken[0] ^ 0b1011, taken[1] ^ 0b1)                  # 3 and 1 bits away: a copy
+    far = (taken[0] ^ 0xFFFF, taken[1])                         # 16 bits away: another image
+    write_list(tmp_path / "takedowns.yaml", {"source": "qa", "records": ["r0"],
+                                             "images": [f"{taken[0]:016x}{taken[1]:016x}"]})
+    recipe = load_recipe(recipe_file(tmp_path, "takedowns.yaml"))
+    assert recipe.taken_down == {"qa": ["r0"]}
+    assert recipe.taken_down_images == [f"{taken[0]:016x}{taken[1]:016x}"]
+    assert "taken_down_images" in recipe.identity()
+    the_plan = plan_build(recipe)
+    results = ScanResults(len(the_plan))
+    image_of = {("qa", "r3"): [far, near], ("other", "r1"): [near], ("other", "r4"): [far]}
+    results.add([Scanned(e.index, key=bytes([e.index % 256]) * 16,
+                         phash=b"".join(a.to_bytes(8, "big") + b.to_bytes(8, "big")
+                                        for a, b in image_of.get((e.ref.source, e.ref.record_id), [])))
+                 for e in the_plan.entries[:]])
+    survivors, rejects = _dedup(recipe.model_copy(update={"dedup": False}), the_plan, results)
+    refused = {(r["source"], r["source_id"]) for r in rejects if r["reason"] == "takedown"}
+    assert refused == {("qa", "r0"), ("qa", "r3"), ("other", "r1")}   # r3: its second image
+    kept = {(e.ref.source, e.ref.record_id) for e in the_plan.take(survivors)}
+    assert ("other", "r4") in kept and len(kept) == 12 - 3
