@@ -69,7 +69,7 @@ def test_recipe_fields_are_pinned():
     assert sorted(Recipe.model_fields) == sorted([
         "name", "sources", "template", "tokenizer", "max_length", "samples_per_shard", "seed",
         "dedup", "images", "vision", "output", "max_planned", "near_dedup", "takedowns",
-        "taken_down"])
+        "taken_down", "taken_down_images"])
 
 
 STAGE = {"name": "s1", "init": {"flavor": "tiny"}, "mixture": "mix", "output": "out",
