@@ -39,10 +39,13 @@ demo: setup
 # or waiting, not CPU; each worker has its own Ray cluster, moto and MLflow servers. loadgroup
 # (with no group marks under pytest 9: one test per work unit) hands out the first units one
 # per worker, in collection order (tests/conftest.py puts the longest first).
+# mypy first (its settings are in pyproject.toml): seconds once .mypy_cache is warm.
 test: setup
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=15
 
 test-quick: setup
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:

@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from lladav import REPO_ROOT
+
 
 class _ScrubbedApp(typer.Typer):
     """The root command, run with secrets.install(), scrubbed stdout/stderr and a scrubbed
@@ -47,8 +49,6 @@ app.add_typer(base_app, name="base")
 # Piped output (CI logs, `make demo | tee`) gets a fixed width wide enough for the tables.
 console = Console(width=None if sys.stdout.isatty() else 120)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @contextmanager
 def _known_errors() -> Iterator[None]:
@@ -65,12 +65,13 @@ def _known_errors() -> Iterator[None]:
     from lladav.suites import SuiteError
     from lladav.takedown import TakedownError
     from lladav.contamination import ContaminationError
+    from lladav.data.tokenizer import TokenizerMismatch
 
     try:
         yield
     except (ConfigError, BuildError, SourceError, MixtureNotCommitted, LineageError,
             TestSetError, StorageError, TrackingError, LeaseHeld, LeaseLost, ViewError,
-            SuiteError, TakedownError, ContaminationError) as e:
+            SuiteError, TakedownError, ContaminationError, TokenizerMismatch) as e:
         # soft_wrap: one line per message, whatever the width, for logs and grep
         console.print(f"[bold red]error:[/] {escape(scrub(str(e)))}", highlight=False,
                       soft_wrap=True)
@@ -263,11 +264,12 @@ def train_cmd(
 ) -> None:
     """Run a training stage on Ray Train + DeepSpeed and publish its consolidated export."""
     from lladav.config import load_stage
-    from lladav.data.build import ensure_ray
-    from lladav.train.launch import run_stage
+    from lladav.ray_cluster import ensure_ray
+    from lladav.train.launch import preflight, run_stage
 
     with _known_errors():
         config = load_stage(stage)
+        preflight(config)                # before Ray starts: geometry, tokenizer digest
         ensure_ray(log_to_driver=True)   # the workers' step lines reach this console
         result = run_stage(config, run_name=run_name)
     console.print(f"export: [bold]{result.export_uri}[/]  (last checkpoint {result.checkpoint_path})")

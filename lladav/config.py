@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -283,6 +284,38 @@ def _resolve_relative(recipe: Recipe, base: Path) -> Recipe:
 
 # ---- stages (train/) -------------------------------------------------------------------------
 
+def check_flavor(flavor: str) -> str:
+    """`flavor` if model/flavors.py has a multimodal flavour of that name, else ValueError listing
+    the valid ones: a typo fails `pipeline plan` and `lladav train` at once, not in a worker."""
+    from lladav.model.flavors import FLAVORS
+
+    valid = sorted(n for n, f in FLAVORS.items() if "vision_tower" in f)
+    if flavor not in valid:
+        raise ValueError(f"unknown flavor {flavor!r}; valid flavors: {valid}")
+    return flavor
+
+
+def check_deepspeed_template(name: str) -> str:
+    """`name` if it is a readable JSON DeepSpeed template where train/engine.resolve_template
+    looks (as given, else under the repository root; an s3:// URI is checked when the stage
+    runs), else ValueError saying where it looked."""
+    import json
+
+    from lladav import REPO_ROOT
+
+    if "://" in name:
+        return name
+    for path in (Path(name), REPO_ROOT / name):
+        if path.is_file():
+            try:
+                json.loads(path.read_text())
+            except ValueError as e:
+                raise ValueError(f"DeepSpeed template {path} is not valid JSON: {e}") from None
+            return name
+    raise ValueError(f"DeepSpeed template {name!r} not found as given nor under {REPO_ROOT} "
+                     "(e.g. infra/deepspeed/zero3.json)")
+
+
 class StageInit(StrictModel):
     """Where a stage's weights come from: a previous stage's export, or the base checkpoints, or
     (demo and tests) a random initialisation of `flavor`."""
@@ -294,9 +327,13 @@ class StageInit(StrictModel):
     vision_tower: str | None = None
     """SigLIP/SigLIP2 weights (Hugging Face folder or URI), with `language_model`."""
     flavor: str | None = None
-    """Random initialisation of a named flavour (model/flavors.py), e.g. `tiny`."""
-    tokenizer: str | None = None
-    """Tokenizer folder/URI exported with the model (default: the mixture's tokenizer)."""
+    """Random initialisation of a named flavour (model/flavors.py), e.g. `tiny`. (The export's
+    tokenizer is always its mixture's, checked against the digest mixture.json recorded.)"""
+
+    @field_validator("flavor")
+    @classmethod
+    def _known_flavor(cls, flavor: str | None) -> str | None:
+        return flavor if flavor is None else check_flavor(flavor)
 
     @model_validator(mode="after")
     def _one_source(self) -> "StageInit":
@@ -312,8 +349,11 @@ class Trainable(StrictModel):
     """Learning rate per component; a component left out (null) is frozen (train/stage.py)."""
 
     vision_tower: float | None = Field(default=None, gt=0)
+    """Learning rate of the SigLIP tower (the paper: frozen in stage 1, 2e-6 after)."""
     projector: float | None = Field(default=None, gt=0)
+    """Learning rate of the two-layer MLP projector (the paper: 1e-3 in stage 1, 1e-5 after)."""
     language_model: float | None = Field(default=None, gt=0)
+    """Learning rate of LLaDA (the paper: frozen in stage 1, 1e-5 after)."""
 
     @model_validator(mode="after")
     def _something(self) -> "Trainable":
@@ -476,9 +516,13 @@ class StageConfig(StrictModel):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     """Linear warm-up share of the steps, then cosine decay to 0."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay (the paper: 0)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     adam_eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
     epochs: int = Field(default=1, ge=1)
+    """Passes over the mixture (the paper: 1 per stage)."""
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps (default: `epochs` over the mixture)."""
     micro_batch: int = Field(default=1, ge=1)
@@ -486,21 +530,29 @@ class StageConfig(StrictModel):
     grad_accum: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
     max_length: int = Field(default=8192, ge=8)
-    """Longest spliced sequence accepted (the mixture already refused longer samples)."""
+    """Longest sample (text + image feature tokens) the stage accepts: a mixture holding a
+    longer one is refused before any worker starts (train/launch.preflight), naming both."""
     group_by_length: bool = False
     """Group micro-batches by length to limit padding (the paper: stages 2-3)."""
     end_of_answer: EndOfAnswer = EndOfAnswer()
     """The EOS targets after each sample (see EndOfAnswer); training never depends on which
     samples share a micro-batch unless `policy: pad_to_longest` asks for the reference's way."""
     gradient_clipping: float = Field(default=1.0, gt=0)
+    """Global gradient-norm clip (DeepSpeed's gradient_clipping)."""
     gradient_checkpointing: bool = False
+    """Recompute the LM's activations in the backward pass (less memory, ~30% more compute)."""
     precision: Literal["bf16", "fp32"] = "bf16"
-    deepspeed: str = "infra/deepspeed/zero3.json"
-    """DeepSpeed config template; "auto" fields are filled from this stage (train/engine.py)."""
+    """Training precision: bf16 on GPUs (the paper), fp32 on the CPU (tests, demo)."""
+    deepspeed: Annotated[str, AfterValidator(check_deepspeed_template)] = "infra/deepspeed/zero3.json"
+    """DeepSpeed config template; "auto" fields are filled from this stage (train/engine.py).
+    A path (as given, else under the repository root) or an s3:// URI; a missing or invalid
+    local file fails the stage's validation."""
     deepspeed_overrides: dict[str, Any] = {}
     """Merged into the rendered DeepSpeed config (e.g. zero_optimization.stage3_param_persistence_threshold)."""
     scaling: Scaling = Scaling()
+    """Ray Train workers and their resources (see Scaling)."""
     checkpoint: Checkpointing = Checkpointing()
+    """Where and how often checkpoints are written, and how many are kept (see Checkpointing)."""
     loader_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes per training worker."""
     shuffle: Shuffle = Shuffle()
@@ -518,6 +570,7 @@ class StageConfig(StrictModel):
     max_failures: int = Field(default=2, ge=0)
     """Worker-group restarts from the last checkpoint before the stage fails."""
     seed: int = 0
+    """Seeds the initialisation, the sample order and the masks (per sample: diffusion.mask_seed)."""
     output: str
     """URI of the consolidated export (Hugging Face folder) published at the end."""
 
@@ -557,7 +610,7 @@ def load_stage(path: str | Path, overrides: dict[str, Any] | None = None) -> Sta
         return _resolve(uri, base)
 
     init = stage.init.model_copy(update={k: fix(getattr(stage.init, k)) for k in
-                                         ("export", "language_model", "vision_tower", "tokenizer")})
+                                         ("export", "language_model", "vision_tower")})
     ckpt = stage.checkpoint.model_copy(update={"uri": fix(stage.checkpoint.uri)})
     return stage.model_copy(update={"init": init, "mixture": fix(stage.mixture),
                                     "output": fix(stage.output), "checkpoint": ckpt})
@@ -569,7 +622,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class MlflowSettings(StrictModel):
-    """Where lineage goes (lineage.py). Credentials never go here: MLflow and S3 read theirs from
+    """Where lineage goes (lladav/lineage/). Credentials never go here: MLflow and S3 read theirs from
     the environment (MLFLOW_TRACKING_TOKEN, AWS_*)."""
 
     tracking_uri: str | None = None
@@ -656,6 +709,7 @@ class SynthStep(_Step):
     checkpoints, made by the same code as the tokenizer and base steps."""
 
     kind: Literal["synth"]
+    """`synth`: this step is a synthetic shapes corpus."""
     output: str
     """Folder written (corpus/, tokenizer/, base/); the tiny recipes and stages point into it."""
     n_train: int = Field(default=600, ge=1)
@@ -676,6 +730,7 @@ class TokenizerStep(_CorpusStep):
     folder: `lladav tokenizer train` as a step. Data and base steps name it in `tokenizer`."""
 
     kind: Literal["tokenizer"]
+    """`tokenizer`: this step is a tokenizer training."""
     vocab_size: int = Field(default=1024, ge=263)
     """Vocabulary size, counting the 256 byte tokens and the 7 LLaDA special tokens."""
     max_records: int | None = Field(default=None, ge=1)
@@ -688,9 +743,10 @@ class BaseStep(_CorpusStep):
     step. A stage step names it in `base` to start from them (the paper's stage-1 init)."""
 
     kind: Literal["base"]
+    """`base`: this step is a tiny base checkpoints."""
     tokenizer: str
     """A tokenizer (or synth) step's name, or a tokenizer folder/URI."""
-    flavor: str = "tiny"
+    flavor: Annotated[str, AfterValidator(check_flavor)] = "tiny"
     """Model flavour (model/flavors.py) of both checkpoints."""
     steps: int = Field(default=600, ge=0)
     """Tower pretraining steps (sigmoid image-text loss)."""
@@ -710,6 +766,7 @@ class DataStep(_Step):
     """A mixture build (data/build.py) of a recipe; its mixture goes under the step's folder."""
 
     kind: Literal["data"]
+    """`data`: this step is a mixture build."""
     recipe: str
     """Recipe YAML, relative to the pipeline file."""
     tokenizer: str | None = None
@@ -727,6 +784,7 @@ class ViewStep(_Step):
     names a data step; changing a weight reruns this step and the stages after it, not a build."""
 
     kind: Literal["view"]
+    """`view`: this step is a view."""
     mixtures: list[str] = Field(min_length=1)
     """Data steps' names (their mixtures), or committed mixture URIs."""
     weights: dict[str, Annotated[float, Field(ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)]] = {}
@@ -744,6 +802,7 @@ class StageStep(_Step):
     """A training stage (train/launch.py); its export and checkpoints go under the step's folder."""
 
     kind: Literal["stage"]
+    """`stage`: this step is a training stage."""
     stage: str
     """Stage YAML, relative to the pipeline file."""
     mixture: str | None = None
@@ -779,6 +838,7 @@ class EvalStep(_Step):
     `lladav eval` as a step."""
 
     kind: Literal["eval"]
+    """`eval`: this step is a evaluation."""
     model: str
     """The stage step whose export is evaluated."""
     data: str | None = None
@@ -854,10 +914,13 @@ class PipelineConfig(StrictModel):
     """A stage DAG: `lladav pipeline plan|run|status PIPELINE.yaml` (pipeline.py)."""
 
     name: str = Field(pattern=_NAME)
+    """The pipeline's name: its default storage folder, MLflow experiment and job namespace."""
     storage: str | None = None
     """Root URI of every step's outputs (<storage>/steps/<step>/<key>/); default ./.lladav/<name>."""
     mlflow: MlflowSettings = MlflowSettings()
+    """Where lineage is recorded (see MlflowSettings)."""
     openlineage: OpenLineageSettings = OpenLineageSettings()
+    """OpenLineage events of every step run (see OpenLineageSettings)."""
     ray_address: str | None = None
     """Ray cluster to run on; default: $RAY_ADDRESS, else a local Ray."""
     forbid_licenses: list[str] = []
@@ -868,6 +931,7 @@ class PipelineConfig(StrictModel):
     recipe, replacing the recipes' own `takedowns`: a takedown reruns the data steps whose
     sources it names and the steps downstream of them, nothing else."""
     steps: list[Step] = Field(min_length=1)
+    """The steps, in an order where every reference points to an earlier step."""
 
     @model_validator(mode="after")
     def _graph(self) -> "PipelineConfig":

@@ -59,7 +59,8 @@ def read_items(test_set: str, *, image_root: str | None = None, limit: int | Non
     from lladav.evaluate import TestSetError, _test_source, read_test_set
 
     source = _test_source(test_set, image_root)
-    ids, owners, hashes, questions = [], [], [], {}
+    ids, owners, hashes = [], [], []
+    questions: dict[str, list[int]] = {}
     for i, rec in enumerate(read_test_set(test_set, image_root=image_root, limit=limit)):
         ids.append(rec.id)
         try:

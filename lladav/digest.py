@@ -88,10 +88,10 @@ def code_version() -> dict[str, Any]:
 def _code_version() -> dict[str, Any]:
     import subprocess
 
-    from lladav import __version__
+    from lladav import REPO_ROOT, __version__
 
     version: dict[str, Any] = {"lladav": __version__, "git_commit": None, "git_dirty": None}
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()

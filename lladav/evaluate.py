@@ -32,10 +32,11 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from lladav import Progress
 from lladav.inference import SamplerSettings
 
 SCORING = ("exact", "choice", "contains", "regex")
@@ -208,7 +209,7 @@ def check_test_set(uri: str, *, image_root: str | None = None, limit: int | None
 def evaluate(export: str, test_set: str, settings: SamplerSettings | None = None, *,
              image_root: str | None = None, scoring: str = "exact", tag: str | None = None,
              limit: int | None = None, group_by: str | None = None,
-             progress: Callable[[str, int, int], None] | None = None) -> EvalResult:
+             progress: Progress | None = None) -> EvalResult:
     """Answer the first `limit` (default: all) records of `test_set` with the export (folder or
     URI) and score them. progress("eval", done, total) is called after each record."""
     from lladav.data.images import decode_rgb

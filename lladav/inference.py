@@ -8,7 +8,7 @@ rules (sampler.py) or the template (data/conversation.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +40,6 @@ class Answer:
     text: str
     token_ids: list[int]
     forward_passes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load(folder_or_uri: str) -> tuple[Any, ChatTokenizer]:

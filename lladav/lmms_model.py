@@ -113,7 +113,7 @@ class LLaDAV(lmms):
         self.model, self.tok = load(pretrained)
         if device and str(device).startswith("cuda") and torch.cuda.is_available():
             self.model.to(torch.device(device))  # lmms-eval passes its --device; CPU otherwise
-        self.defaults = {"threshold": threshold, "prefix_cache": _bool(prefix_cache)}
+        self.defaults: dict[str, Any] = {"threshold": threshold, "prefix_cache": _bool(prefix_cache)}
         self.think_mode = think_mode
         self.forward_passes: list[int] = []
 

@@ -36,7 +36,7 @@ prefix lists the events in time order. OPENLINEAGE_DISABLED=true turns emission 
 for every OpenLineage client.
 
 An event that cannot be built or sent is a scrubbed warning in the log: lineage export never
-fails a step (MLflow, lineage.py, stays the record `lineage show|trace` read).
+fails a step (MLflow, lladav/lineage/, stays the record `lineage show|trace` read).
 Owns: the event vocabulary above and the choice of transport. Does not own: when steps run or
 what they output (pipeline.py).
 """
@@ -225,7 +225,7 @@ def step_datasets(run: StepRun, config: Any, upstream: dict[str, dict[str, Any]]
         export = upstream.get("model", {}).get("export") or out.get("export")
         ins += [_input(uri) for uri in (export, config.data) if uri]
         if done:
-            scores = {k: out[k] for k in ("accuracy", "n", "chance", "suite", "scores") if k in out}
+            scores: dict[str, Any] = {k: out[k] for k in ("accuracy", "n", "chance", "suite", "scores") if k in out}
             outs.append(OutputDataset(namespace=run.namespace, name=run.results, facets={
                 "lladav_scores": ScoresDatasetFacet(scores, producer=PRODUCER)}))
     else:  # synth, tokenizer, base: corpora and a tokenizer in, what they wrote out
@@ -293,6 +293,7 @@ def event_object_name(event: RunEvent) -> str:
     """<time>-<job>-<run id>-<type>.json: listing a prefix lists its events in time order."""
     when = datetime.fromisoformat(event.eventTime).astimezone(timezone.utc)
     job = "".join(c if c.isalnum() or c in "._-" else "_" for c in event.job.name)
+    assert event.eventType is not None  # step_event always sets it (the spec leaves it optional)
     return f"{when:%Y%m%dT%H%M%S.%fZ}-{job}-{event.run.runId}-{event.eventType.value}.json"
 
 

@@ -24,7 +24,7 @@ instead of training it twice; a step another run finished meanwhile is skipped.
 stage validates, each stage's mixture was built for its model's vision tower (tile and patch
 size), and each eval step's test set exists, parses and has an answer per record.
 Owns: keys, step folders, the order of execution and the per-kind glue. Does not own: building
-(data/build.py), training (train/launch.py), scoring (evaluate.py), MLflow (lineage.py) or
+(data/build.py), training (train/launch.py), scoring (evaluate.py), MLflow (lladav/lineage/) or
 the OpenLineage events each step run sends (openlineage.py: START, COMPLETE after done.json,
 FAIL).
 """
@@ -41,17 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lladav import storage
-from lladav.config import (BaseStep, ConfigError, DataStep, EvalStep, PipelineConfig, StageStep,
-                           SynthStep, TokenizerStep, ViewStep, VisionGeometry, load_recipe,
-                           load_stage, merge)
+from lladav import Progress, storage
+from lladav.config import (BaseStep, ConfigError, DataStep, EvalStep, PipelineConfig, Recipe,
+                           StageConfig, StageStep, SynthStep, TokenizerStep, ViewStep,
+                           VisionGeometry, load_recipe, load_stage, merge)
 from lladav.digest import code_version, digest_obj, pretty_json
 from lladav.lease import Lease, lease
 
 log = logging.getLogger(__name__)
 
 STARTED, DONE = "started.json", "done.json"
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -122,10 +121,10 @@ def plan(pipe: PipelineConfig) -> list[PlannedStep]:
         up = {role: planned[ref] for role, ref in step.refs().items()}
         inputs = {role: p.key for role, p in up.items()}
         inputs.update({f"needs:{ref}": planned[ref].key for ref in step.needs})
-        config, identity = _resolve(step, up, None, pipe.takedowns)
+        config, identity = _resolve(step, up, pipe.takedowns)
         key = digest_obj({"kind": step.kind, "config": identity, "inputs": inputs, "code": code})
         folder = storage.join(root, "steps", step.name, key[:16])
-        config, _ = _resolve(step, up, folder, pipe.takedowns)
+        config = _place(config, folder)
         p = PlannedStep(step, key, folder, config, identity)
         if isinstance(step, DataStep):
             geometries[step.name] = (config.vision, f"step {step.name}, recipe {step.recipe}")
@@ -206,11 +205,8 @@ def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
     if "init" in up:
         tower = towers.get(up["init"].name)
     elif "base" in up:
-        flavor = getattr(up["base"].step, "flavor", "tiny")
-        spec = FLAVORS.get(flavor, {}).get("vision_tower")
-        if spec is None:
-            raise ConfigError(f"step {up['base'].name}: unknown flavor {flavor!r}; valid: "
-                              f"{sorted(n for n, f in FLAVORS.items() if 'vision_tower' in f)}")
+        flavor = getattr(up["base"].step, "flavor", "tiny")  # validated (config.check_flavor)
+        spec = FLAVORS[flavor]["vision_tower"]
         tower = (spec["image_size"], spec["patch_size"], f"base step {up['base'].name}, flavor {flavor}")
     else:
         tower = tower_geometry(stage.init)
@@ -223,68 +219,82 @@ def _check_stage_geometry(p: PlannedStep, up: dict[str, PlannedStep],
     return tower
 
 
-def _resolve(step: Any, up: dict[str, PlannedStep], folder: str | None,
-             takedowns: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """(runnable config, identity). With folder=None the URIs are placeholders: where a step
+def _resolve(step: Any, up: dict[str, PlannedStep], takedowns: str | None = None
+             ) -> tuple[Any, dict[str, Any]]:
+    """(config, identity), every YAML read and validated once. The config reads its upstream
+    steps' outputs (their folders are known) and has placeholders where it writes (`_place`
+    fills them once the key is known); the identity has placeholders for both: where a step
     writes and where its inputs live are not part of what it is (an input's identity is its
     step's key, which the caller adds). `takedowns`: the pipeline's takedown list, given to
     every data step's recipe."""
-    out = _outputs(folder)
-
-    def ref(role: str, what: str) -> str:
-        return _provided(up[role], what) if folder else f"<step {up[role].name}>"
+    def named(role: str) -> str:
+        return f"<step {up[role].name}>"
 
     if isinstance(step, DataStep):
-        over = {"tokenizer": ref("tokenizer", "tokenizer")} if "tokenizer" in up else {}
+        over = {"tokenizer": _provided(up["tokenizer"], "tokenizer")} if "tokenizer" in up else {}
         if takedowns:
             over["takedowns"] = takedowns
         recipe = load_recipe(step.recipe, merge(step.overrides, over))
         identity = recipe.identity()
         if "tokenizer" in up:
-            identity["tokenizer"] = f"<step {up['tokenizer'].name}>"
-        return recipe.model_copy(update={"output": out["mixture"]}), identity
+            identity["tokenizer"] = named("tokenizer")
+        return recipe, identity
     if isinstance(step, ViewStep):
         # a data step's mixture by its step (the key covers it), a URI as written
-        named = {i: up[role] for i in range(len(step.mixtures)) if (role := f"mixtures.{i}") in up}
-        placeholders = [f"<step {named[i].name}>" if i in named else m
-                        for i, m in enumerate(step.mixtures)]
-        uris = [_outputs(named[i].folder)["mixture"] if i in named and folder else m
-                for i, m in enumerate(placeholders)]
+        roles = {i: f"mixtures.{i}" for i in range(len(step.mixtures)) if f"mixtures.{i}" in up}
         identity = {**step.model_dump(mode="json", exclude={"name", "needs"}),
-                    "mixtures": placeholders}
+                    "mixtures": [named(roles[i]) if i in roles else m for i, m in enumerate(step.mixtures)]}
+        uris = [_outputs(up[roles[i]].folder)["mixture"] if i in roles else m
+                for i, m in enumerate(step.mixtures)]
         return step.model_copy(update={"mixtures": uris}), identity
     if isinstance(step, StageStep):
+        out = _outputs(None)
         over: dict[str, Any] = {"output": out["export"], "checkpoint": {"uri": out["checkpoints"]}}
         if "mixture" in up:
-            over["mixture"] = _outputs(up["mixture"].folder)["mixture"] if folder else f"<step {up['mixture'].name}>"
+            over["mixture"] = _outputs(up["mixture"].folder)["mixture"]
         elif step.mixture:
             over["mixture"] = step.mixture
         stage = load_stage(step.stage, merge(step.overrides, over))
         init: dict[str, Any] | None = None
         if "init" in up:
-            init = {"export": _outputs(up["init"].folder)["export"] if folder else f"<step {up['init'].name}>"}
+            init = {"export": _outputs(up["init"].folder)["export"]}
         elif "base" in up:
-            base = ref("base", "base")
-            init = {"language_model": storage.join(base, "llada") if folder else base,
-                    "vision_tower": storage.join(base, "siglip") if folder else base}
+            base = _provided(up["base"], "base")
+            init = {"language_model": storage.join(base, "llada"),
+                    "vision_tower": storage.join(base, "siglip")}
         if init is not None:
             cleared = {"export": None, "language_model": None, "vision_tower": None, "flavor": None}
             stage = stage.model_copy(update={"init": stage.init.model_copy(update={**cleared, **init})})
         identity = stage.model_dump(mode="json", exclude={"output": True, "checkpoint": {"uri"}})
+        if "mixture" in up:
+            identity["mixture"] = named("mixture")
+        for role in ("init", "base"):
+            if role in up:
+                identity["init"].update({k: named(role) for k in init})
         return stage, identity
     identity = step.model_dump(mode="json", exclude={"name", "needs", *step.refs()})
     update = {}
     if isinstance(step, BaseStep) and "tokenizer" in up:
-        update["tokenizer"] = ref("tokenizer", "tokenizer")
+        update["tokenizer"] = _provided(up["tokenizer"], "tokenizer")
     if isinstance(step, EvalStep) and "data" in up:
-        update["data"] = (storage.join(up["data"].step.output, "corpus", "heldout.json")
-                          if folder else f"<step {up['data'].name}>")
+        update["data"] = storage.join(up["data"].step.output, "corpus", "heldout.json")
     if isinstance(step, (TokenizerStep, BaseStep)) and step.recipe:
         recipe = load_recipe(step.recipe)  # validated now; what it reads is part of the identity
         identity["recipe"] = {"sources": [s.model_dump(mode="json") for s in recipe.sources]}
     if isinstance(step, (SynthStep, TokenizerStep, BaseStep, EvalStep)):
         return step.model_copy(update=update), identity
     raise TypeError(f"unknown step kind {step!r}")
+
+
+def _place(config: Any, folder: str) -> Any:
+    """`config` from _resolve writing under the step's folder (known once its key is)."""
+    out = _outputs(folder)
+    if isinstance(config, Recipe):
+        return config.model_copy(update={"output": out["mixture"]})
+    if isinstance(config, StageConfig):
+        return config.model_copy(update={"output": out["export"], "checkpoint": config.checkpoint.model_copy(
+            update={"uri": out["checkpoints"]})})
+    return config
 
 
 def _read_state(p: PlannedStep, root: str) -> None:

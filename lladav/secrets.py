@@ -24,7 +24,7 @@ as runtime_env={"worker_process_setup_hook": "lladav.secrets.install"} it covers
 Logging, excepthooks and the standard streams are process-wide, so this module's state is too:
 `install` is idempotent and `remember` only ever adds values.
 Owns: what counts as a secret and the hooks above. Does not own: where URIs come from
-(config.py, lineage.py) or what gets logged.
+(config.py, lladav/lineage/) or what gets logged.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Under the deadline botocore keeps its "standard" mode with 3 attempts per call, 
 short (connect 5 s, read 20 s) so an outage is noticed in seconds, not minutes. pyarrow's S3
 filesystem (`arrow_filesystem`, used for parquet) retries on its own, with an attempt count
 scaled to the same budget. A Ray job hands this process's storage settings to its workers
-through its runtime_env (`worker_env`, data/build.py `ensure_ray`), so the workers of an
+through its runtime_env (`worker_env`, ray_cluster.py `ensure_ray`), so the workers of an
 existing cluster use the same endpoint, credentials and budget.
 """
 
@@ -651,6 +651,36 @@ def arrow_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
     return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
 
+def _replace_local_folder(target: Path, fill: Callable[[str], Any]) -> None:
+    """`fill(staging)` a folder beside `target`, then rename it into place (replacing an existing
+    target): a reader sees the old folder, the new one or nothing. The staging folder is removed
+    if `fill` fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    try:
+        fill(str(staging))
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_written_folder(uri: str, last: str, write: Callable[[str], None]) -> None:
+    """Publish at `uri`, complete or absent, the folder `write(path)` creates and fills (as
+    publish_folder, `last` at the end on S3). Locally it is written straight into the staging
+    folder beside the target, so a large folder (an export's safetensors) is written once, not
+    written and then copied."""
+    if is_s3(uri):
+        with tempfile.TemporaryDirectory(prefix="lladav-publish-") as tmp:
+            write(tmp)
+            publish_folder(tmp, uri, last)
+    else:
+        _replace_local_folder(Path(_local_path(uri)), write)
+
+
 def publish_folder(local_dir: str | Path, uri: str, last: str) -> None:
     """Publish a finished local folder at `uri` so that it looks complete or absent.
 
@@ -663,17 +693,8 @@ def publish_folder(local_dir: str | Path, uri: str, last: str) -> None:
     if not any(p.relative_to(local_dir).as_posix() == last for p in files):
         raise StorageError(f"{local_dir}: has no {last} to publish last")
     if not is_s3(uri):
-        target = Path(_local_path(uri))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        shutil.copytree(local_dir, staging)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        _replace_local_folder(Path(_local_path(uri)),
+                              lambda staging: shutil.copytree(local_dir, staging))
         return
     delete(join(uri, last))  # uncommit a previous version first
     ordered = [p for p in files if p.relative_to(local_dir).as_posix() != last]

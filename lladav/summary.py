@@ -14,7 +14,7 @@ committed mixtures and the runs; nothing is estimated. Counts are a mixture's (o
 it): a stage that trains for fewer or more samples than its mixture holds keeps the shares.
 
 Owns: assembling and rendering the summary. Does not own: the lineage walk's MLflow schema
-(lineage.py), the counts (data/build.py writes them into mixture.json).
+(lladav/lineage/), the counts (data/build.py writes them into mixture.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lladav.lineage import PREFIX, _find_export_run, default_tracking_uri, scrub
+from lladav.lineage import PREFIX, default_tracking_uri, scrub
+from lladav.lineage.queries import _find_export_run
 
 
 @dataclass

@@ -28,7 +28,7 @@ The three moments of a takedown:
 
 A source name is the key, as everywhere in lineage: the takedown applies to every recipe that
 has a source of that name. Owns: the list's format, the request and the status. Does not own:
-refusing the records (data/build.py `plan`), keys (pipeline.py) or MLflow (lineage.py).
+refusing the records (data/build.py `plan`), keys (pipeline.py) or MLflow (lladav/lineage/).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,9 +95,10 @@ def read_list(uri: str) -> list[Entry]:
 
 
 def list_bytes(entries: list[Entry]) -> bytes:
-    return yaml.safe_dump({"format": LIST_FORMAT,
-                           "takedowns": [e.model_dump(mode="json") for e in entries]},
-                          sort_keys=False, allow_unicode=True).encode()
+    text: str = yaml.safe_dump({"format": LIST_FORMAT,
+                                "takedowns": [e.model_dump(mode="json") for e in entries]},
+                               sort_keys=False, allow_unicode=True)
+    return text.encode()
 
 
 def taken_down(uri: str, recipe: Any) -> dict[str, Any]:
@@ -134,7 +136,7 @@ class Request:
 
 def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
             tracking_uri: str | None = None, experiment: str = "lladav",
-            with_copies: bool = False, mixtures: list[str] = ()) -> Request:
+            with_copies: bool = False, mixtures: Sequence[str] = ()) -> Request:
     """Record a takedown: what holds the records now, the entry in the list, an MLflow run.
     `with_copies`: also the records' images, read from the manifests that hold them, so that
     their copies under other ids or in other sources are refused too. `mixtures`: mixture URIs
@@ -148,9 +150,9 @@ def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
     known = lineage.mixtures_holding(source, records, tracking_uri)
     given = [m for uri in mixtures if uri not in {k["uri"] for k in known}
              if (m := lineage.mixture_holding(uri, source, records))["samples"]]
-    mixtures = known + given
+    holding = known + given
     exports = lineage.trace(source, records=records, tracking_uri=tracking_uri)
-    images = _record_images(mixtures, source, records) if with_copies else []
+    images = _record_images(holding, source, records) if with_copies else []
     if with_copies and not images:
         raise TakedownError(f"--with-copies: no manifest in {lineage.scrub(tracking_uri or '')} "
                             f"holds an image of these records of {source}, so their copies "
@@ -170,10 +172,10 @@ def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
         entries = read_list(list_uri)
         storage.write_bytes(list_uri, list_bytes([*entries, entry]))
     lin.log_text(run_id, "takedown/request.json", _json({
-        "entry": entry.model_dump(mode="json"), "list": list_uri, "mixtures": mixtures,
+        "entry": entry.model_dump(mode="json"), "list": list_uri, "mixtures": holding,
         "exports": [vars(h) for h in exports]}))
     lin.end_run(run_id)
-    return Request(entry, list_uri, mixtures, exports)
+    return Request(entry, list_uri, holding, exports)
 
 
 def _record_images(mixtures: list[dict[str, Any]], source: str, records: list[str]) -> list[str]:
@@ -259,6 +261,7 @@ def _log_status(st: Status, tracking_uri: str | None) -> None:
 
     from lladav import lineage
 
+    assert st.entry.run_id is not None  # status() logs only the entries a request run recorded
     client = MlflowClient(tracking_uri or lineage.default_tracking_uri())
     experiment = client.get_experiment(client.get_run(st.entry.run_id).info.experiment_id).name
     lin = lineage.Lineage(tracking_uri, experiment)

@@ -44,7 +44,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -53,12 +52,12 @@ from typing import Any
 
 import numpy as np
 
-from lladav import storage
+from lladav import Progress, storage
 from lladav.config import Recipe, Source
 from lladav.data import RecordError
 from lladav.data import manifest as mf
-from lladav.data.conversation import (ChatTokenizer, ConversationError, Turn, add_tag,
-                                      normalize_turns, normalized_text, question_keys, tokenize)
+from lladav.data.conversation import (ChatTokenizer, Turn, add_tag, normalize_turns,
+                                      normalized_text, question_keys, tokenize)
 from lladav.data.tokenizer import load_tokenizer, tokenizer_digest
 from lladav.data.images import BadImage, image_token_count, inspect_image
 from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_source,
@@ -66,6 +65,7 @@ from lladav.data.sources import (RecordRef, Unreadable, check_source, enumerate_
 from lladav.digest import (canonical_json, code_version, digest_obj, hash_unit,
                            pretty_json, sha256_bytes)
 from lladav.lease import Lease, lease
+from lladav.ray_cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ MAX_SCAN_CHUNK = 512     # most records per scan task: bounds a task's memory (i
 BUILD_DIR = "_build"     # resume markers and scan caches; removed after the commit
 SCAN_DIR = "scan"        # _build/scan/chunk-N.arrow: one scan task's samples
 _WAIT_SLICE_S = 5.0      # how long _run_tasks waits on Ray before it lets signal handlers run
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 class BuildError(RuntimeError):
@@ -113,12 +112,6 @@ class Sample:
     orientations: tuple[int, ...] = ()  # EXIF orientation per image, applied when decoded
     image_phash: tuple[int, ...] = ()   # perceptual hash per image (images.perceptual_hash)
     question_keys: tuple[str, ...] = ()  # conversation.question_key per user turn
-
-
-class Rejected(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 # ---- plan -----------------------------------------------------------------------------------
@@ -374,33 +367,31 @@ def _order_key(seed: int, ref: RecordRef, copy: int) -> bytes:
 def _apply_filters(source: Source, turns: list[Turn], n_images: int, record_id: str) -> None:
     f = source.filters
     if f.require_image and n_images == 0:
-        raise Rejected("filtered", "require_image: the record has no image")
+        raise RecordError("filtered", "require_image: the record has no image")
     if f.text_only and n_images > 0:
-        raise Rejected("filtered", "text_only: the record has images")
+        raise RecordError("filtered", "text_only: the record has images")
     if f.max_turns is not None and len(turns) > f.max_turns:
-        raise Rejected("filtered", f"max_turns: {len(turns)} > {f.max_turns}")
+        raise RecordError("filtered", f"max_turns: {len(turns)} > {f.max_turns}")
     answer = sum(len(t.text) for t in turns if t.role == "assistant")
     if f.min_response_chars is not None and answer < f.min_response_chars:
-        raise Rejected("filtered", f"min_response_chars: {answer} < {f.min_response_chars}")
+        raise RecordError("filtered", f"min_response_chars: {answer} < {f.min_response_chars}")
     if record_id in f.exclude_ids:
-        raise Rejected("filtered", "exclude_ids")
+        raise RecordError("filtered", "exclude_ids")
 
 
 def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -> Sample:
-    """Read, validate, filter, template and tokenize one planned record, or raise Rejected."""
+    """Read, validate, filter, template and tokenize one planned record, or raise RecordError
+    (the readers', image checks' and template's own, or `filtered` / `too_long` from here)."""
     ref = entry.ref
     source = next(s for s in recipe.sources if s.name == ref.source)
-    try:
-        loaded = load_record(source, ref, cache, max_image_bytes=recipe.images.max_bytes)
-        infos = []
-        for blob in loaded.images:
-            try:
-                infos.append(inspect_image(blob.data, recipe.images))
-            except BadImage as e:
-                raise Rejected(e.code, f"{e.detail} ({blob.location})") from None
-        turns = normalize_turns(loaded.conversations, len(infos))
-    except RecordError as e:
-        raise Rejected(e.code, e.detail) from None
+    loaded = load_record(source, ref, cache, max_image_bytes=recipe.images.max_bytes)
+    infos = []
+    for blob in loaded.images:
+        try:
+            infos.append(inspect_image(blob.data, recipe.images))
+        except BadImage as e:  # the record may hold several images: say which one
+            raise RecordError(e.code, f"{e.detail} ({blob.location})") from None
+    turns = normalize_turns(loaded.conversations, len(infos))
     _apply_filters(source, turns, len(infos), ref.record_id)
     text_sha = sha256_bytes(normalized_text(turns).encode())
     questions = tuple(question_keys(turns))  # before the tag: the question as the corpus asks it
@@ -409,16 +400,13 @@ def process(recipe: Recipe, entry: PlanEntry, tok: ChatTokenizer, cache: dict) -
         draws = [hash_unit(recipe.seed, "tag", ref.source, ref.ordinal, ref.record_id, entry.copy, k)
                  < source.tag_probability for k in range(n_user)]
         turns = add_tag(turns, source.tag, draws)
-    try:
-        tokens = tokenize(turns, tok, recipe.template)
-    except ConversationError as e:
-        raise Rejected(e.code, e.detail) from None
+    tokens = tokenize(turns, tok, recipe.template)
     n_image_tokens = sum(image_token_count(i.width, i.height, recipe.vision, recipe.image_aspect,
                                            len(infos)) for i in infos)
     n_total = tokens.n_text_tokens + n_image_tokens
     if n_total > recipe.max_length:
-        raise Rejected("too_long", f"{n_total} tokens ({tokens.n_text_tokens} text + "
-                                   f"{n_image_tokens} image) > max_length {recipe.max_length}")
+        raise RecordError("too_long", f"{n_total} tokens ({tokens.n_text_tokens} text + "
+                                      f"{n_image_tokens} image) > max_length {recipe.max_length}")
     images = [(b.data, i.ext, i.width, i.height) for b, i in zip(loaded.images, infos)]
     return Sample(entry, images, tuple(sha256_bytes(b.data) for b in loaded.images), turns,
                   text_sha, tokens.ids, tokens.targets, n_image_tokens,
@@ -437,7 +425,7 @@ def scan_chunk(recipe: Recipe, entries: list[PlanEntry], cache_uri: str | None =
     With `cache_uri`, the accepted samples are written there (one Arrow file, `_cache_bytes`)
     for the write phase, which then never reads the source again.
     """
-    tok, cache, out, samples = load_tokenizer(recipe.tokenizer), {}, [], []
+    tok, cache, out, samples = load_tokenizer(recipe.tokenizer), dict[str, Any](), [], []
     for entry in entries:
         try:
             s = process(recipe, entry, tok, cache)
@@ -445,8 +433,8 @@ def scan_chunk(recipe: Recipe, entries: list[PlanEntry], cache_uri: str | None =
                                phash=b"".join(h.to_bytes(16, "big") for h in s.image_phash),
                                text_key=bytes.fromhex(s.text_sha256[:16])))
             samples.append(s)
-        except Rejected as e:
-            out.append(Scanned(entry.index, e.reason, printable(e.detail)))
+        except RecordError as e:
+            out.append(Scanned(entry.index, e.code, printable(e.detail)))
         except storage.StorageError:
             raise
         except Exception as e:  # noqa: BLE001 - isolation is the point; see the docstring
@@ -703,32 +691,6 @@ def _run_tasks(fn: Callable, n: int, make_args: Callable[[int], tuple], num_work
         if progress:
             progress(phase, finished, n)
     return [results[i] for i in range(n)] if on_result is None else []
-
-
-def ensure_ray(log_to_driver: bool = False) -> None:
-    """Join the Ray cluster at RAY_ADDRESS, or start a local one when none is running.
-    `log_to_driver` shows the workers' output on this console (`lladav train`: its step lines).
-
-    The workers of an existing cluster were started with the cluster's environment, not this
-    process's, so the storage settings set here (S3 endpoint, credentials, retry budget:
-    storage.worker_env) reach this job's workers through its runtime_env, never a file. Keys a
-    `ray job submit --runtime-env` already sets are left to it: Ray refuses a ray.init
-    runtime_env that repeats them, and the submitted job's driver already runs with its values.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    env_vars = storage.worker_env()
-    if submitted := os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        job_env = (json.loads(submitted).get("runtime_env") or {}).get("env_vars") or {}
-        env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
-    # Every worker scrubs secrets from its logs, warnings and uncaught exceptions (lladav.secrets).
-    runtime_env: dict[str, Any] = {"worker_process_setup_hook": "lladav.secrets.install"}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
-             log_to_driver=log_to_driver, runtime_env=runtime_env)
 
 
 def build(recipe: Recipe, out_uri: str | None = None, *, num_workers: int = 2,

@@ -116,8 +116,8 @@ def normalize_turns(conversations: Any, n_images: int) -> list[Turn]:
             raise ConversationError("malformed_record",
                                     f"conversations[{i}].from={msg.get('from')!r} is not a known speaker")
         text = msg["value"]
-        if _SURROGATE.search(text):
-            at = _SURROGATE.search(text).start()
+        if surrogate := _SURROGATE.search(text):
+            at = surrogate.start()
             raise ConversationError("invalid_text", f"conversations[{i}].value holds a lone UTF-16 "
                                     f"surrogate {text[at]!r} at character {at} (not valid Unicode)")
         turns.append(Turn(role, text))

@@ -249,12 +249,12 @@ def image_tiles(img: Image.Image, geometry: VisionGeometry, aspect: str,
     t = geometry.tile_size
     img = to_rgb(img)
     if aspect == "square":
-        return np.stack([_to_array(img.resize((t, t), Image.BICUBIC))])
+        return np.stack([_to_array(img.resize((t, t), Image.Resampling.BICUBIC))])
     if n_images_in_sample > 1:
         side = max(img.size)
         canvas = Image.new("RGB", (side, side), (127, 127, 127))
         canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
-        return np.stack([_to_array(canvas.resize((t, t), Image.BICUBIC))])
+        return np.stack([_to_array(canvas.resize((t, t), Image.Resampling.BICUBIC))])
     width, height = img.size
     cw, ch = select_best_resolution(width, height, grid_pinpoints(geometry))
     if cw / width < ch / height:
@@ -262,7 +262,7 @@ def image_tiles(img: Image.Image, geometry: VisionGeometry, aspect: str,
     else:
         new_w, new_h = min(math.ceil(width * ch / height), cw), ch
     canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
-    canvas.paste(img.resize((new_w, new_h), Image.BICUBIC), ((cw - new_w) // 2, (ch - new_h) // 2))
-    tiles = [img.resize((t, t), Image.BICUBIC)]
+    canvas.paste(img.resize((new_w, new_h), Image.Resampling.BICUBIC), ((cw - new_w) // 2, (ch - new_h) // 2))
+    tiles = [img.resize((t, t), Image.Resampling.BICUBIC)]
     tiles += [canvas.crop((x, y, x + t, y + t)) for y in range(0, ch, t) for x in range(0, cw, t)]
     return np.stack([_to_array(tile) for tile in tiles])

@@ -219,7 +219,8 @@ def eos_tail_length(policy: EndOfAnswer, seed: int, epoch: int, key: str) -> int
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], n_tokens: Sequence[int]) -> float:
-    """Pad tokens / all tokens when each batch is padded to its longest spliced length."""
+    """Pad tokens / all tokens when each batch (indices into `n_tokens`, one row each) is padded
+    to its longest row: the one padding rule, for samples (unpacked) and packed rows alike."""
     pad = total = 0
     for b in batches:
         longest = max(n_tokens[i] for i in b)
@@ -337,7 +338,7 @@ class Batch:
         tails = self.eos_tails or [0] * len(self.n_tokens)
         own = [n + t for n, t in zip(self.n_tokens, tails)]
         rows = [sum(own[i] for i in row) for row in self.packs]
-        return 1.0 - sum(rows) / (max(rows) * len(rows))
+        return padding_fraction([range(len(rows))], rows)
 
 
 @dataclass(frozen=True)
@@ -557,12 +558,13 @@ class MixtureLoader:
             return padding_fraction(batches, self.n_tokens)
         own = {k: n + eos_tail_length(self.end_of_answer, self.seed, epoch, k)
                for p in plan for k, _, n, _ in p.samples}
-        pad = total = 0
+        rows: list[int] = []        # every packed row's length, batch after batch
+        batches_of_rows: list[range] = []
         for p in plan:   # this rank's batches: a sample of the epoch, like any rank's
-            rows = [sum(own[p.samples[i][0]] for i in row) for row in p.rows or ()]
-            pad += max(rows) * len(rows) - sum(rows)
-            total += max(rows) * len(rows)
-        return pad / total if total else 0.0
+            first = len(rows)
+            rows += [sum(own[p.samples[i][0]] for i in row) for row in p.rows or ()]
+            batches_of_rows.append(range(first, len(rows)))
+        return padding_fraction(batches_of_rows, rows)
 
     # -- read --------------------------------------------------------------------------------
     def _shard_cache(self, settings: ShardCacheSettings) -> tuple[ShardCache, int]:

@@ -128,6 +128,14 @@ class Mixture:
     def manifest(self) -> pa.Table:
         return read_table(storage.join(self.uri, MANIFEST))
 
+    def longest_sample(self) -> int:
+        """The most tokens (text + image features) of any sample; 0 when empty."""
+        import pyarrow.compute as pc
+
+        data = storage.read_bytes(storage.join(self.uri, MANIFEST))
+        column = pq.read_table(io.BytesIO(data), columns=["n_tokens"])["n_tokens"]
+        return int(pc.max(column).as_py() or 0)
+
     def rejects(self) -> pa.Table:
         return read_table(storage.join(self.uri, REJECTS))
 

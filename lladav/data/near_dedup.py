@@ -162,9 +162,9 @@ def matches(queries: np.ndarray, corpus: np.ndarray, max_distance: int
             ck = ck[order]
             qk = _sample_bits(queries[:, 0], bits)
             lo, hi = np.searchsorted(ck, qk, "left"), np.searchsorted(ck, qk, "right")
-            for q in np.flatnonzero(hi > lo).tolist():
-                found_c.append(order[lo[q]:hi[q]])
-                found_q.append(np.full(hi[q] - lo[q], q, dtype=np.int64))
+            for hit in np.flatnonzero(hi > lo).tolist():
+                found_c.append(order[lo[hit]:hi[hit]])
+                found_q.append(np.full(hi[hit] - lo[hit], hit, dtype=np.int64))
     if not found_q:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty

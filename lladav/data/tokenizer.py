@@ -3,6 +3,7 @@
     corpus (recipe sources or files) --corpus_texts--> texts --train_tokenizer--> folder
     folder or s3:// URI --load_tokenizer--> ChatTokenizer (cached per process)
     folder or s3:// URI --tokenizer_digest--> sha256 recorded in mixture.json
+    (uri, recorded digest) --checked_tokenizer--> ChatTokenizer, or TokenizerMismatch naming both
 
 A real run uses LLaDA-8B-Instruct's tokenizer as it is. A tiny model on one's own corpus needs a
 small one that still speaks LLaDA's template: `train_tokenizer` makes a byte-level BPE whose
@@ -112,6 +113,23 @@ def load_tokenizer(uri: str) -> ChatTokenizer:
 
     with storage.local_folder(uri) as folder:
         return ChatTokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizer at a URI is not the one a mixture was tokenized with (its digest changed)."""
+
+
+def checked_tokenizer(uri: str, digest: str, what: str) -> ChatTokenizer:
+    """load_tokenizer(uri), after checking that the folder still has `digest` (the one `what`,
+    e.g. a mixture, recorded): a tokenizer retrained or replaced in place would turn every id
+    of the mixture into another word, silently."""
+    found = tokenizer_digest(uri)
+    if found != digest:
+        raise TokenizerMismatch(
+            f"{what} was tokenized with the tokenizer at {uri}, digest {digest}, but that folder "
+            f"now has digest {found}: it was changed after the build. Rebuild the mixture with "
+            "this tokenizer, or put the original back")
+    return load_tokenizer(uri)
 
 
 def tokenizer_digest(uri: str) -> str:

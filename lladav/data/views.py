@@ -131,7 +131,7 @@ def _open_inputs(uris: Sequence[str]) -> list[mf.Mixture]:
                             f"{', '.join(m['uri'] for m in mixture.info['mixtures'])}) and "
                             "multiply the weights")
         mixtures.append(mixture)
-    first, seen = mixtures[0], {}
+    first, seen = mixtures[0], dict[str, str]()
     for m in mixtures:
         for identity in (m.digest, m.uri.rstrip("/")):
             if identity in seen:

@@ -46,7 +46,7 @@ RGB = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210)}
 _TINT = 15
 # Shape centre as a fraction of the width, per position; the centre's y is jittered instead.
 POSITION_X = {"left": 0.25, "centre": 0.5, "right": 0.75}
-_JPEG = {"format": "JPEG", "quality": 95, "subsampling": 0, "optimize": False}
+_JPEG: dict[str, Any] = {"format": "JPEG", "quality": 95, "subsampling": 0, "optimize": False}
 
 QUESTIONS = {
     "colour": "What colour is the shape?",

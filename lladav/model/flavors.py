@@ -1,6 +1,8 @@
 """Named model configurations: the tiny CPU model next to the paper's, sharing every line of code.
 
-Owns: the numbers. `FLAVORS` is a plain dict of dicts (torchtitan's flavour table):
+Owns: the numbers of every configuration but the model's defaults. `FLAVORS` is a plain dict of
+dicts (torchtitan's flavour table), each entry what differs from LLaDAConfig's defaults (which
+are LLaDA-8B's, in llada.py: the table depends on the model args, never the other way round):
 
     FLAVORS[name] = {"language_model": {<LLaDAConfig field>: value, ...}}
 
@@ -19,11 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lladav.model.llada import LLaDAConfig
-
-# LLaDA's special token ids (digest §1.2), named once; llada.py's config defaults reuse them.
-LLADA_BOS_TOKEN_ID = 126080  # <|startoftext|>
-LLADA_EOS_TOKEN_ID = 126081  # <|endoftext|>, also the padding token (EOS padding, digest §2.5)
-LLADA_MASK_TOKEN_ID = 126336  # <|mdm_mask|>, the [M] of the forward process (LLaDA paper §2.1)
 
 FLAVORS: dict[str, dict[str, dict[str, Any]]] = {
     # 2 layers, 64 wide, GQA (4 query heads share 2 KV heads): the CPU demo and the tests.
@@ -52,24 +49,8 @@ FLAVORS: dict[str, dict[str, dict[str, Any]]] = {
         "llada_v": {"vision_feature_layer": -2, "image_aspect": "anyres_max_4", "max_grid": 2,
                     "max_tiles_area": 4},
     },
-    # LLaDA-8B-Instruct as LLaDA-V uses it (digest §1.1; lladav_reference.md "Model").
-    "llada-8b": {
-        "language_model": {
-            "vocab_size": 126464,
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0,
-            "max_position_embeddings": 16384,  # LLaDA-V's prepared config; original LLaDA: 4096
-            "bos_token_id": LLADA_BOS_TOKEN_ID,
-            "eos_token_id": LLADA_EOS_TOKEN_ID,
-            "pad_token_id": LLADA_EOS_TOKEN_ID,
-            "mask_token_id": LLADA_MASK_TOKEN_ID,
-        },
-    },
+    # LLaDA-8B-Instruct as LLaDA-V uses it: LLaDAConfig's own defaults (model/llada.py).
+    "llada-8b": {"language_model": {}},
 }
 # LLaDA-V-8B: LLaDA-8B + SigLIP2 so400m/14 at 384 px (27x27 = 729 patches), anyres_max_4 over a
 # (1x1)..(6x6) grid (lladav_reference.md "Model" and "Images").

@@ -34,46 +34,50 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from lladav.model.head import LMHead
 from transformers.utils import ModelOutput
 
-from lladav.model.flavors import FLAVORS
-
 log = logging.getLogger(__name__)
-_8B = FLAVORS["llada-8b"]["language_model"]  # the config defaults are LLaDA-8B's
+
+# LLaDA's special token ids (digest §1.2), the config's defaults below.
+LLADA_BOS_TOKEN_ID = 126080  # <|startoftext|>
+LLADA_EOS_TOKEN_ID = 126081  # <|endoftext|>, also the padding token (EOS padding, digest §2.5)
+LLADA_MASK_TOKEN_ID = 126336  # <|mdm_mask|>, the [M] of the forward process (LLaDA paper §2.1)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, n_kv_heads, L, head_dim), rotated
 
 
 class LLaDAConfig(PretrainedConfig):
-    """Architecture of a LLaDA language model; the defaults are LLaDA-8B (flavors.py "llada-8b")."""
+    """Architecture of a LLaDA language model; the defaults are LLaDA-8B-Instruct as LLaDA-V uses
+    it (digest §1.1; max_position_embeddings is LLaDA-V's prepared config, original LLaDA: 4096).
+    The flavour table (flavors.py) names configurations by how they differ from these."""
 
     model_type = "llada"
 
-    vocab_size: int = _8B["vocab_size"]
+    vocab_size: int = 126464
     """Rows of the embedding and of lm_head (may exceed the tokenizer's size)."""
-    hidden_size: int = _8B["hidden_size"]
+    hidden_size: int = 4096
     """Width of the residual stream (official config: d_model)."""
-    intermediate_size: int = _8B["intermediate_size"]
+    intermediate_size: int = 12288
     """Width of the SwiGLU hidden layer (official config: mlp_hidden_size)."""
-    num_hidden_layers: int = _8B["num_hidden_layers"]
+    num_hidden_layers: int = 32
     """Number of Transformer blocks (official config: n_layers)."""
-    num_attention_heads: int = _8B["num_attention_heads"]
+    num_attention_heads: int = 32
     """Query heads; head_dim = hidden_size / num_attention_heads (official config: n_heads)."""
     num_key_value_heads: int | None = None
     """Key/value heads, shared by groups of query heads (GQA); None means num_attention_heads."""
-    rms_norm_eps: float = _8B["rms_norm_eps"]
+    rms_norm_eps: float = 1e-5
     """Epsilon inside every RMSNorm."""
-    rope_theta: float = _8B["rope_theta"]
+    rope_theta: float = 500000.0
     """RoPE base; no scaling is applied at any length."""
-    max_position_embeddings: int = _8B["max_position_embeddings"]
+    max_position_embeddings: int = 16384
     """Longest sequence the model is meant for; nothing is sized by it."""
     initializer_range: float = 0.02
     """Std of the normal init of linear and embedding weights (norm weights start at 1)."""
-    mask_token_id: int = _8B["mask_token_id"]
+    mask_token_id: int = LLADA_MASK_TOKEN_ID
     """Id of the [M] token; the model never reads it, diffusion.py and sampler.py do."""
-    bos_token_id: int | None = _8B["bos_token_id"]
+    bos_token_id: int | None = LLADA_BOS_TOKEN_ID
     """Beginning-of-text token id."""
-    eos_token_id: int | None = _8B["eos_token_id"]
+    eos_token_id: int | None = LLADA_EOS_TOKEN_ID
     """End-of-text token id, also used to right-pad batches."""
-    pad_token_id: int | None = _8B["pad_token_id"]
+    pad_token_id: int | None = LLADA_EOS_TOKEN_ID
     """Padding token id (EOS in LLaDA)."""
     tie_word_embeddings: bool = False
     """LLaDA's lm_head is a separate matrix; tying is not supported."""
@@ -438,9 +442,9 @@ def config_from_official(raw: dict[str, Any]) -> LLaDAConfig:
         vocab_size=raw.get("embedding_size") or raw["vocab_size"], hidden_size=raw["d_model"],
         intermediate_size=raw["mlp_hidden_size"], num_hidden_layers=raw["n_layers"],
         num_attention_heads=raw["n_heads"], num_key_value_heads=raw.get("n_kv_heads"),
-        rms_norm_eps=raw.get("rms_norm_eps", raw.get("layer_norm_eps", _8B["rms_norm_eps"])),
-        rope_theta=raw.get("rope_theta", _8B["rope_theta"]),
-        max_position_embeddings=raw.get("max_sequence_length", _8B["max_position_embeddings"]),
+        rms_norm_eps=raw.get("rms_norm_eps", raw.get("layer_norm_eps", LLaDAConfig.rms_norm_eps)),
+        rope_theta=raw.get("rope_theta", LLaDAConfig.rope_theta),
+        max_position_embeddings=raw.get("max_sequence_length", LLaDAConfig.max_position_embeddings),
         initializer_range=raw.get("init_std", 0.02),
     )
     for token in ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
@@ -470,10 +474,12 @@ def _read_weights(folder: Path, uri: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def register_auto() -> None:
-    """Make AutoConfig / AutoModel resolve model_type "llada" to these classes (idempotent)."""
-    AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
-    AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+def register_auto(config_class: type[PretrainedConfig] = LLaDAConfig,
+                  model_class: type[PreTrainedModel] = LLaDAModelLM) -> None:
+    """Make AutoConfig / AutoModel resolve `config_class.model_type` to these classes (idempotent):
+    "llada" by default; model/lladav.py registers "llada_v" with it."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
 
 
 register_auto()

@@ -15,20 +15,18 @@ sampling (sampler.py), DeepSpeed (train/engine.py), reading data (data/).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from lladav.config import VisionGeometry
 from lladav.data.conversation import IMAGE_PLACEHOLDER_ID
 from lladav.data.images import anyres_layout, image_tiles, image_token_count
-from lladav.model.llada import LLaDAConfig, LLaDAModelLM
+from lladav.model.llada import LLaDAConfig, LLaDAModelLM, register_auto
 
 COMPONENTS = ("vision_tower", "projector", "language_model")
 
@@ -178,8 +176,8 @@ class LLaDAVModel(PreTrainedModel):
 
     # -- splicing --------------------------------------------------------------------------------
     def embed_multimodal(self, input_ids: list[torch.Tensor], images: list[list[torch.Tensor]],
-                         image_sizes: list[list[tuple[int, int]]], aspect: str | None = None,
-                         pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         image_sizes: list[list[tuple[int, int]]], aspect: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice image features into each sample and right-pad the batch with EOS embeddings.
 
         input_ids: per sample (L_b,) with IMAGE_PLACEHOLDER_ID where each image goes, in order.
@@ -228,7 +226,7 @@ class LLaDAVModel(PreTrainedModel):
             flags.append(torch.zeros(len(ids) - start, dtype=torch.bool))
             seqs.append(torch.cat(pieces))
             img_pos.append(torch.cat(flags))
-        length = max(pad_to or 0, max(len(s) for s in seqs))
+        length = max(len(s) for s in seqs)
         out = torch.stack([torch.cat([s, eos.expand(length - len(s), -1)]) for s in seqs])
         pos = torch.stack([F.pad(p, (0, length - len(p))) for p in img_pos])
         return out + unused, pos.to(out.device)
@@ -270,13 +268,4 @@ class LLaDAVModel(PreTrainedModel):
         return model.to(dtype) if dtype is not None else model
 
 
-def register_auto() -> None:
-    """Make `AutoModel.from_pretrained(export)` work for LLaDA-V folders (idempotent)."""
-    try:
-        AutoConfig.register(LLaDAVConfig.model_type, LLaDAVConfig)
-        AutoModel.register(LLaDAVConfig, LLaDAVModel)
-    except ValueError:
-        pass  # already registered
-
-
-register_auto()
+register_auto(LLaDAVConfig, LLaDAVModel)  # `AutoModel.from_pretrained(export)` for LLaDA-V folders

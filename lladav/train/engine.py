@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lladav import storage
+from lladav import REPO_ROOT, storage
+from lladav.config import merge
 
 TAG = "ckpt"  # one fixed tag: a checkpoint folder holds exactly one checkpoint
 BUCKET_FLOOR = 2**20
@@ -38,7 +39,6 @@ BUCKET_FLOOR = 2**20
 LLaDA-8B) gives a 64-wide model 4,096-element buckets, one collective per few parameters:
 measured on flavor tiny, micro-batch 32, one CPU worker, 80 samples/s with it, 139 with the floor.
 The floor leaves every model with hidden >= 1024 at the rule."""
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -48,9 +48,9 @@ def resolve_template(name: str | Path) -> dict[str, Any]:
     name = str(name)
     if storage.is_s3(name) or os.path.isfile(name):
         return json.loads(storage.read_bytes(name))
-    if (_REPO_ROOT / name).is_file():
-        return json.loads((_REPO_ROOT / name).read_text())
-    raise FileNotFoundError(f"DeepSpeed template {name!r}: not found as given nor in {_REPO_ROOT}")
+    if (REPO_ROOT / name).is_file():
+        return json.loads((REPO_ROOT / name).read_text())
+    raise FileNotFoundError(f"DeepSpeed template {name!r}: not found as given nor in {REPO_ROOT}")
 
 
 def render_ds_config(template: str | Path | dict, *, micro_batch: int, grad_accum: int,
@@ -65,8 +65,11 @@ def render_ds_config(template: str | Path | dict, *, micro_batch: int, grad_accu
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision {precision!r}: expected 'bf16' or 'fp32' (no fp16 on CPU)")
     config = copy.deepcopy(template) if isinstance(template, dict) else resolve_template(template)
-    for key, value in (overrides or {}).items():
-        _set(config, key, copy.deepcopy(value), merge=True)
+    for path, value in (overrides or {}).items():
+        nested = copy.deepcopy(value)       # "a.b": v is {"a": {"b": v}}, deep-merged as such
+        for key in reversed(path.split(".")):
+            nested = {key: nested}
+        config = merge(config, nested)
     for block in ("optimizer", "scheduler"):
         if block in config:
             raise ValueError(f"{source}: remove the '{block}' block; lladav passes its own AdamW "
@@ -103,15 +106,11 @@ def _get(config: dict, path: str, default: Any) -> Any:
     return config
 
 
-def _set(config: dict, path: str, value: Any, merge: bool = False) -> None:
+def _set(config: dict, path: str, value: Any) -> None:
     *parents, last = path.split(".")
     for key in parents:
         config = config.setdefault(key, {})
-    if merge and isinstance(value, dict) and isinstance(config.get(last), dict):
-        for key, inner in value.items():
-            _set(config[last], key, inner, merge=True)
-    else:
-        config[last] = value
+    config[last] = value
 
 
 def _auto_paths(node: Any, prefix: str = "") -> list[str]:

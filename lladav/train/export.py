@@ -36,12 +36,8 @@ import math
 import mmap
 import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,24 +211,5 @@ def export_consolidated(checkpoint_folder: str, out_folder: str, config: Any, *,
                 _write_safetensors(os.path.join(folder, file), shard, dtype)
             Path(folder, INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-        if storage.is_s3(out_folder):
-            with tempfile.TemporaryDirectory(prefix="lladav-export-") as tmp:
-                write(tmp)
-                storage.publish_folder(tmp, out_folder, last=INDEX)
-        else:
-            _publish_local(Path(out_folder).resolve(), write)
+        storage.publish_written_folder(out_folder, INDEX, write)
     return [t.name for t in tensors]
-
-
-def _publish_local(target: Path, write: Callable[[str], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    try:
-        write(str(staging))
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lladav import storage
-from lladav.config import StageConfig
+from lladav.config import ConfigError, StageConfig
+from lladav.ray_cluster import ensure_ray
 from lladav.train import checkpoints
 
 log = logging.getLogger(__name__)
@@ -143,31 +144,40 @@ def _uri(checkpoint: Any) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
-def ensure_ray() -> None:
-    from lladav.data.build import ensure_ray as _ensure
-
-    _ensure()
-
-
 def checkpoint_root(stage: StageConfig) -> str:
     return stage.checkpoint.uri or storage.join(storage.parent(stage.output), f"{stage.name}-checkpoints")
 
 
+def preflight(stage: StageConfig) -> None:
+    """What can fail a stage before any worker starts, failing here rather than 90 s in: a
+    mixture counted for another tower (ConfigError naming both), a tokenizer changed since the
+    mixture was built (data/tokenizer.TokenizerMismatch naming both digests), and a sample
+    longer than the stage's max_length (ConfigError naming both lengths)."""
+    from lladav.data.manifest import open_mixture
+    from lladav.train.loop import mixture_tokenizer
+    from lladav.train.stage import check_geometry, tower_geometry
+
+    mixture = open_mixture(stage.mixture)
+    check_geometry(stage.name, tower_geometry(stage.init), mixture.geometry, stage.mixture)
+    mixture_tokenizer(stage.mixture)
+    longest = mixture.longest_sample()
+    if longest > stage.max_length:
+        raise ConfigError(f"stage {stage.name}: mixture {stage.mixture} holds a sample of "
+                          f"{longest} tokens, more than the stage's max_length {stage.max_length}; "
+                          "raise max_length, or rebuild the mixture with a lower `max_length`")
+
+
 def run_stage(stage: StageConfig, *, run_name: str | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> StageResult:
+              on_step: Callable[[int, int, dict[str, Any]], None] | None = None) -> StageResult:
     """Train `stage` on the Ray cluster and publish its consolidated export to `stage.output`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lladav.data.manifest import open_mixture
     from lladav.model.lladav import LLaDAVConfig
     from lladav.train.export import export_consolidated
     from lladav.train.loop import mixture_tokenizer
-    from lladav.train.stage import check_geometry, tower_geometry
 
-    # Before any worker starts: a mixture counted for another tower fails here, not 90 s in.
-    check_geometry(stage.name, tower_geometry(stage.init), open_mixture(stage.mixture).geometry,
-                   stage.mixture)
+    preflight(stage)
     ensure_ray()
     scaling = stage.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources}

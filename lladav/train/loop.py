@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,15 +53,16 @@ class WorkerContext:
     record losses and to kill a worker); metrics["checkpoint"] is True when this step's
     checkpoint is about to be written."""
     tmp_root: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def mixture_tokenizer(mixture_uri: str) -> Any:
-    """The ChatTokenizer a mixture was tokenized with (its URI is in mixture.json)."""
+    """The ChatTokenizer a mixture was tokenized with (its URI and digest are in mixture.json);
+    TokenizerMismatch, naming both digests, when that folder has changed since the build."""
     from lladav.data.manifest import open_mixture
-    from lladav.data.tokenizer import load_tokenizer
+    from lladav.data.tokenizer import checked_tokenizer
 
-    return load_tokenizer(open_mixture(mixture_uri).info["tokenizer"]["uri"])
+    info = open_mixture(mixture_uri).info["tokenizer"]
+    return checked_tokenizer(info["uri"], info["digest"], f"mixture {mixture_uri}")
 
 
 def prepare_model(stage: StageConfig, world_size: int, grad_accum: int | None = None,

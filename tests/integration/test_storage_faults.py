@@ -169,7 +169,7 @@ def test_retry_budget_and_worker_env_come_from_the_environment(monkeypatch):
 
 _WORKER_ENV_PROBE = """
 import json, os, ray
-from lladav.data.build import ensure_ray
+from lladav.ray_cluster import ensure_ray
 ensure_ray()
 probe = ray.remote(lambda names: {n: os.environ.get(n) for n in names})
 print(json.dumps(ray.get(probe.remote(["AWS_ENDPOINT_URL", "LLADAV_STORAGE_RETRY_S"]))))

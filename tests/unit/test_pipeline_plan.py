@@ -269,3 +269,33 @@ def test_a_source_licence_is_an_spdx_id_a_url_or_unknown():
     for bad in ("", "free for research", "CC BY 4.0"):
         with pytest.raises(ValueError):
             Source.model_validate({**base, "license": bad})
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("init", {"flavor": "tinny"}, "init.flavor: Value error, unknown flavor 'tinny'"),
+    ("deepspeed", "infra/deepspeed/zero4.json",
+     "deepspeed: Value error, DeepSpeed template 'infra/deepspeed/zero4.json' not found"),
+])
+def test_a_misspelled_flavour_or_deepspeed_template_fails_the_plan_naming_the_field(
+        files, field, value, named):
+    from typer.testing import CliRunner
+
+    from lladav.cli import app
+
+    edit(files.parent / "stage2.yaml", lambda d: d.update({field: value}))
+    result = CliRunner().invoke(app, ["pipeline", "plan", str(files)])
+    assert result.exit_code == 2, result.output
+    assert "stage2.yaml: invalid stage" in result.output and named in result.output
+
+
+def test_the_plan_reads_and_validates_each_yaml_once(files, monkeypatch):
+    from lladav import pipeline
+
+    calls: list[str] = []
+    for name in ("load_recipe", "load_stage"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda path, *a, _real=real, **k: calls.append(
+            Path(path).name) or _real(path, *a, **k))
+    plan(load_pipeline(files))
+    assert sorted(calls) == sorted(["mix_stage1.yaml", "mix_stage2.yaml", "mix_stage3.yaml",
+                                    "stage1.yaml", "stage2.yaml", "stage3.yaml"])
