@@ -218,7 +218,7 @@ def data_contamination(
         report, where = check(mixture, test_set, image_root=image_root, max_distance=max_distance)
     c = report.counts()
     console.print(f"{c['contaminated_records']} of {c['records']} test records overlap {mixture}: "
-                  f"{c['images']} images, {c['questions']} questions")
+                  f"{c['images']} images, {c['questions']} questions", soft_wrap=True)
     table = Table(title="overlaps")
     for col in ("test record", "what", "training sample(s)", "source"):
         table.add_column(col, overflow="fold")
@@ -229,7 +229,7 @@ def data_contamination(
         table.add_row(o["eval_id"], "question", f"{o['rows']} rows, e.g. key {o['mixture_keys'][0]}",
                       ", ".join(o["sources"]))
     console.print(table)
-    console.print(f"report: {where}")
+    console.print(f"report: {where}", soft_wrap=True)
 
 
 @data_app.command("synth")

@@ -47,6 +47,7 @@ def record_id(corpus: Path, file: str, index: int) -> str:
     return json.loads((corpus / "corpus" / file).read_text())[index]["id"]
 
 
+@pytest.mark.timeout(1800)  # four pipeline runs: ~7 min alone, 14 under a loaded CI (900 ran out)
 def test_pipeline_lineage_and_reruns(tmp_path, synth_dir, s3_bucket, mlflow_server, monkeypatch,
                                      openlineage_receiver):
     from mlflow import MlflowClient
