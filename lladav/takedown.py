@@ -147,11 +147,13 @@ def request(list_uri: str, source: str, records: list[str], *, reason: str = "",
     records = sorted(set(records))
     if not records:
         raise TakedownError("no record ids given: pass --record or --records FILE")
-    known = lineage.mixtures_holding(source, records, tracking_uri)
+    manifests: dict[str, Any] = {}
+    known = lineage.mixtures_holding(source, records, tracking_uri, manifests=manifests)
     given = [m for uri in mixtures if uri not in {k["uri"] for k in known}
              if (m := lineage.mixture_holding(uri, source, records))["samples"]]
     holding = known + given
-    exports = lineage.trace(source, records=records, tracking_uri=tracking_uri)
+    exports = lineage.trace(source, records=records, tracking_uri=tracking_uri,
+                            manifests=manifests)
     images = _record_images(holding, source, records) if with_copies else []
     if with_copies and not images:
         raise TakedownError(f"--with-copies: no manifest in {lineage.scrub(tracking_uri or '')} "
@@ -234,11 +236,12 @@ def status(list_uri: str, tracking_uri: str | None = None, *, log_to_mlflow: boo
     from lladav import lineage
 
     out = []
+    manifests: dict[str, Any] = {}  # each manifest read once, whatever the number of entries
     for entry in read_list(list_uri):
         st = Status(entry)
         since = entry.requested_ms
         for m in lineage.mixtures_holding(entry.source, entry.records, tracking_uri,
-                                          with_empty=True):
+                                          with_empty=True, manifests=manifests):
             if m["start_time"] < since:
                 if m["samples"]:
                     st.superseded.append(m)
@@ -249,7 +252,7 @@ def status(list_uri: str, tracking_uri: str | None = None, *, log_to_mlflow: boo
         rebuilt = {m["uri"] for m in st.rebuilt}
         st.retrained = lineage.stages_after(rebuilt, since, tracking_uri)
         st.superseded_exports = lineage.trace(entry.source, records=entry.records,
-                                              tracking_uri=tracking_uri)
+                                              tracking_uri=tracking_uri, manifests=manifests)
         if log_to_mlflow and entry.run_id:
             _log_status(st, tracking_uri)
         out.append(st)

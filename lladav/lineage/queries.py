@@ -212,11 +212,13 @@ def _train_mixtures(run: Any) -> list[str]:
 
 
 def trace(source: str, record: str | None = None, tracking_uri: str | None = None, *,
-          records: list[str] | None = None) -> list[TraceHit]:
+          records: list[str] | None = None, manifests: dict[str, Any] | None = None
+          ) -> list[TraceHit]:
     """Every stage run (and its export) that trained on records of `source` (one `record`, any
     of `records`, or all), read from the mixtures' manifests, plus the stages initialised from
     such an export. A stage that read records taken down after it started is marked
-    `superseded` with the takedown (lladav/takedown.py)."""
+    `superseded` with the takedown (lladav/takedown.py). `manifests`: a cache of the manifests
+    read (URI -> table), for a caller asking about several sources or records."""
     from mlflow import MlflowClient
 
     wanted = [record] if record is not None else (sorted(set(records)) if records else None)
@@ -224,7 +226,7 @@ def trace(source: str, record: str | None = None, tracking_uri: str | None = Non
     runs = _all_runs(client, f"tags.`{PREFIX}kind` = 'stage'")
     by_id = {r.info.run_id: r for r in runs}
     matched: dict[str, int] = {}
-    manifests: dict[str, Any] = {}
+    manifests = {} if manifests is None else manifests
     for run in runs:
         count = sum(_manifest_counts(uri, source, wanted, manifests) for uri in _train_mixtures(run))
         if count:
@@ -286,11 +288,12 @@ def _takedowns_of(client: Any, source: str, records: list[str]) -> list[tuple[st
 
 
 def mixtures_holding(source: str, records: list[str], tracking_uri: str | None = None, *,
-                     with_empty: bool = False) -> list[dict[str, Any]]:
+                     with_empty: bool = False, manifests: dict[str, Any] | None = None
+                     ) -> list[dict[str, Any]]:
     """The mixtures and views built by finished data/view step runs that hold any of `records`
     of `source` (with `with_empty`, every one of them): uri, kind, step, run_id, start_time,
     samples (rows of those records), taken_down (those records in its rejects as `takedown`) and,
-    for a view, the mixtures it weights."""
+    for a view, the mixtures it weights. `manifests`: as for `trace`."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from mlflow import MlflowClient
@@ -303,7 +306,7 @@ def mixtures_holding(source: str, records: list[str], tracking_uri: str | None =
         client, f"tags.`{PREFIX}kind` = '{kind}' and attributes.status = 'FINISHED'")),
         key=lambda r: r.info.start_time)
     out, seen = [], set()
-    cache: dict[str, Any] = {}
+    cache: dict[str, Any] = {} if manifests is None else manifests
     for run in runs:
         uri = run.data.tags.get(f"{PREFIX}mixture")
         if not uri or uri in seen:
